@@ -1,0 +1,232 @@
+"""The fused model: one receiver, one or more sharers and their fusers.
+
+Prefill: every prompt token but the last runs through the receiver and through each sharer; the
+receiver's cache of those tokens is replaced by the fused cache. Decode: the receiver alone, via
+transformers' own `generate` continuing from that cache, so greedy, sampling, stopping criteria,
+streamers and batching all come from transformers.
+
+Which positions are fused is explicit: per sharer, a boolean `fuse_mask` over the receiver's
+prompt positions (message tokens, never padding or, for different tokenizers, template tokens),
+and always only the prompt prefix (all tokens but the last).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from c2c.align import AlignedPrompt, TokenAligner
+from c2c.fuser import C2CFuser
+
+MULTI_SHARER_MODES = ("sequential", "parallel")
+
+
+@dataclass
+class SharerInputs:
+    """What one sharer reads for a batch, and how its positions line up with the receiver's."""
+
+    input_ids: torch.Tensor  # (B, Ns) left-padded sharer token ids
+    attention_mask: torch.Tensor  # (B, Ns)
+    index: torch.Tensor  # (B, Nr) for each receiver position, the sharer position whose KV it fuses
+    fuse_mask: torch.Tensor  # (B, Nr) bool, receiver positions to fuse from this sharer
+
+
+@dataclass
+class FusedInputs:
+    """A left-padded batch for the fused model."""
+
+    input_ids: torch.Tensor  # (B, Nr) receiver token ids
+    attention_mask: torch.Tensor  # (B, Nr)
+    sharers: list[SharerInputs]
+
+    def to(self, device) -> "FusedInputs":
+        sharers = [SharerInputs(**{f.name: getattr(s, f.name).to(device) for f in fields(s)}) for s in self.sharers]
+        return FusedInputs(self.input_ids.to(device), self.attention_mask.to(device), sharers)
+
+    def select(self, rows) -> "FusedInputs":
+        """The sub-batch of the given row indices (padding columns kept)."""
+        sharers = [SharerInputs(**{f.name: getattr(s, f.name)[rows] for f in fields(s)}) for s in self.sharers]
+        return FusedInputs(self.input_ids[rows], self.attention_mask[rows], sharers)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions of a left-padded batch, as transformers' generate computes them: (B, N)."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+def _left_pad(rows: list[list], value) -> list[list]:
+    width = max(len(row) for row in rows)
+    return [[value] * (width - len(row)) + list(row) for row in rows]
+
+
+def collate(aligned: Sequence[Sequence[AlignedPrompt]], receiver_pad_id: int, sharer_pad_ids: Sequence[int]) -> FusedInputs:
+    """Left-pad aligned prompts into tensors. `aligned[b][i]` is prompt b aligned for sharer i."""
+    receiver_rows = [prompt[0].receiver_ids for prompt in aligned]
+    for b, prompt in enumerate(aligned):
+        if any(a.receiver_ids != prompt[0].receiver_ids for a in prompt):
+            raise ValueError(f"prompt {b}: the aligners disagree on the receiver's tokenization")
+    width = max(len(row) for row in receiver_rows)
+    input_ids = torch.tensor(_left_pad(receiver_rows, receiver_pad_id))
+    attention_mask = torch.tensor(_left_pad([[1] * len(row) for row in receiver_rows], 0))
+    sharers = []
+    for i, pad_id in enumerate(sharer_pad_ids):
+        rows = [prompt[i] for prompt in aligned]
+        sharer_width = max(len(a.sharer_ids) for a in rows)
+        index = [[0] * (width - len(a.receiver_ids)) + [j + sharer_width - len(a.sharer_ids) for j in a.sharer_index]
+                 for a in rows]
+        sharers.append(SharerInputs(
+            input_ids=torch.tensor(_left_pad([a.sharer_ids for a in rows], pad_id)),
+            attention_mask=torch.tensor(_left_pad([[1] * len(a.sharer_ids) for a in rows], 0)),
+            index=torch.tensor(index),
+            fuse_mask=torch.tensor(_left_pad([a.fuse_mask for a in rows], False)),
+        ))
+    return FusedInputs(input_ids, attention_mask, sharers)
+
+
+def prefix_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DynamicCache:
+    """The model's cache of every token but the last of a left-padded batch, computed without gradients.
+
+    `generate(input_ids, attention_mask, past_key_values=cache)` continues from it. Every method
+    (receiver alone, sharer alone, T2T, C2C) starts decoding this way, so they share one engine.
+    """
+    n = input_ids.shape[1] - 1
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=input_ids[:, :n], attention_mask=attention_mask[:, :n],
+              position_ids=position_ids(attention_mask[:, :n]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache
+
+
+@torch.no_grad()
+def generate_from_prefix(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         cache: DynamicCache | None = None, **generate_kwargs):
+    """`model.generate` continuing from `cache` (default: the model's own prefix cache of the prompt)."""
+    if cache is None:
+        cache = prefix_cache(model, input_ids, attention_mask)
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **generate_kwargs)
+
+
+def _context_length(config) -> int:
+    return getattr(config, "max_position_embeddings", None) or 2**31
+
+
+def _stack_kv(cache: DynamicCache) -> torch.Tensor:
+    """(2 * layers, B, H, N, D): keys and values of every layer, K before V."""
+    return torch.stack([tensor for layer in cache.layers for tensor in (layer.keys, layer.values)])
+
+
+class C2CModel(nn.Module):
+    """A receiver that answers from a cache fused with the caches of one or more sharers.
+
+    receiver, sharers: frozen transformers causal LMs; tokenizers: theirs; fusers: one `C2CFuser`
+    per sharer. `alignment`: token alignment strategy ("first"/"longest") for sharers whose
+    vocabulary differs from the receiver's; None disables alignment (then such a sharer is an error).
+    """
+
+    def __init__(self, receiver, receiver_tokenizer, sharers: Sequence, sharer_tokenizers: Sequence,
+                 fusers: Sequence[C2CFuser], *, alignment: str | None = "longest", multi_sharer: str = "sequential"):
+        super().__init__()
+        if not (len(sharers) == len(sharer_tokenizers) == len(fusers)) or not sharers:
+            raise ValueError(f"need one tokenizer and one fuser per sharer, got {len(sharers)} sharers, "
+                             f"{len(sharer_tokenizers)} tokenizers, {len(fusers)} fusers")
+        if multi_sharer not in MULTI_SHARER_MODES:
+            raise ValueError(f"multi_sharer must be one of {MULTI_SHARER_MODES}, got {multi_sharer!r}")
+        self.receiver = receiver.requires_grad_(False).eval()
+        self.sharers = nn.ModuleList(s.requires_grad_(False).eval() for s in sharers)
+        self.fusers = nn.ModuleList(fusers)
+        self.receiver_tokenizer = receiver_tokenizer
+        self.sharer_tokenizers = list(sharer_tokenizers)
+        self.multi_sharer = multi_sharer
+        self.aligners = []
+        for i, (sharer, tokenizer, fuser) in enumerate(zip(sharers, sharer_tokenizers, fusers)):
+            fuser.config.check_fits(receiver.config, sharer.config)
+            aligner = TokenAligner(receiver_tokenizer, tokenizer, strategy=alignment or "first")
+            if not aligner.shared_vocabulary and alignment is None:
+                raise ValueError(f"sharer {i} has a different tokenizer from the receiver and alignment is disabled; "
+                                 "pass alignment='longest' or 'first'")
+            self.aligners.append(aligner)
+
+    def train(self, mode: bool = True):
+        """Only the fusers ever train; receiver and sharers stay in eval mode."""
+        self.fusers.train(mode)
+        return self
+
+    # ---- inputs --------------------------------------------------------------------------------
+    def prepare(self, prompts: Sequence, *, chat: bool = True, add_generation_prompt: bool = True,
+                enable_thinking: bool = False) -> FusedInputs:
+        """Tokenize and align a batch: chats (lists of {"role", "content"}) or, with chat=False, plain texts."""
+        if not prompts:
+            raise ValueError("prepare() got an empty batch of prompts")
+        aligned = []
+        for b, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {b} is empty")
+            if chat:
+                aligned.append([a.align_chat(prompt, add_generation_prompt=add_generation_prompt,
+                                             enable_thinking=enable_thinking) for a in self.aligners])
+            else:
+                aligned.append([a.align_text(prompt) for a in self.aligners])
+        return collate(aligned, self.receiver_tokenizer.pad_token_id, [t.pad_token_id for t in self.sharer_tokenizers])
+
+    def check_lengths(self, inputs: FusedInputs, max_new_tokens: int = 0) -> None:
+        """A prompt must have >= 2 tokens and fit the receiver's and every sharer's context."""
+        length = inputs.input_ids.shape[1]
+        if length < 2:
+            raise ValueError(f"a fused prompt needs at least 2 receiver tokens (got {length}): all but the last are fused")
+        if length + max_new_tokens > _context_length(self.receiver.config):
+            raise ValueError(f"prompt of {length} tokens + {max_new_tokens} new tokens exceeds the receiver's context "
+                             f"of {_context_length(self.receiver.config)}; shorten the prompt or max_new_tokens")
+        for i, (sharer, sharer_inputs) in enumerate(zip(self.sharers, inputs.sharers)):
+            if sharer_inputs.input_ids.shape[1] > _context_length(sharer.config):
+                raise ValueError(f"prompt of {sharer_inputs.input_ids.shape[1]} sharer tokens exceeds sharer {i}'s "
+                                 f"context of {_context_length(sharer.config)}; shorten the prompt")
+
+    # ---- prefill + fuse ------------------------------------------------------------------------
+    def _sharer_kv(self, i: int, sharer_inputs: SharerInputs, length: int) -> torch.Tensor:
+        """Sharer i's keys/values for receiver positions [0, length), picked by the layer map: (2L, B, Hs, n, Ds)."""
+        with torch.no_grad():
+            cache = self.sharers[i](input_ids=sharer_inputs.input_ids, attention_mask=sharer_inputs.attention_mask,
+                                    position_ids=position_ids(sharer_inputs.attention_mask), use_cache=True,
+                                    logits_to_keep=1).past_key_values
+        kv = _stack_kv(cache)  # (2S, B, Hs, Ns, Ds)
+        _, B, Hs, _, Ds = kv.shape
+        index = sharer_inputs.index[:, :length].view(1, B, 1, length, 1).expand(kv.shape[0], B, Hs, length, Ds)
+        kv = kv.gather(3, index)  # (2S, B, Hs, n, Ds): aligned to receiver positions
+        layer_map = torch.tensor(self.fusers[i].config.layer_map, device=kv.device)
+        groups = torch.stack([2 * layer_map, 2 * layer_map + 1], dim=1).flatten()  # (2L,) K, V of each receiver layer
+        return kv.index_select(0, groups)
+
+    def prefill(self, inputs: FusedInputs) -> DynamicCache:
+        """Receiver cache of every prompt token but the last, with the sharers fused in.
+
+        The receiver and sharers run without gradients; the fusion itself follows the ambient grad
+        mode, so training can backpropagate from the receiver's loss into the fusers.
+        """
+        self.check_lengths(inputs)
+        n = inputs.input_ids.shape[1] - 1
+        attention_mask = inputs.attention_mask[:, :n]
+        cache = prefix_cache(self.receiver, inputs.input_ids, inputs.attention_mask)
+        receiver_kv = _stack_kv(cache)  # (2L, B, Hr, n, Dr)
+        fused = receiver_kv
+        for i, fuser in enumerate(self.fusers):
+            sharer_inputs = inputs.sharers[i]
+            mask = sharer_inputs.fuse_mask[:, :n] & attention_mask.bool()  # (B, n)
+            sharer_kv = self._sharer_kv(i, sharer_inputs, n)
+            source = fused if self.multi_sharer == "sequential" else receiver_kv
+            fused = fused + fuser.delta(sharer_kv, source, mask)
+        for t, layer in enumerate(cache.layers):
+            layer.keys, layer.values = fused[2 * t], fused[2 * t + 1]
+        return cache
+
+    @torch.no_grad()
+    def generate(self, inputs: FusedInputs, **generate_kwargs):
+        """Fused prefill, then `receiver.generate` continuing from the fused cache (all its options apply)."""
+        self.check_lengths(inputs, generate_kwargs.get("max_new_tokens") or 0)
+        return generate_from_prefix(self.receiver, inputs.input_ids, inputs.attention_mask, self.prefill(inputs),
+                                    **generate_kwargs)
+

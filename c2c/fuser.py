@@ -1,0 +1,268 @@
+"""The C2C fuser: projects a sharer's KV-cache into a receiver's cache space and fuses it in under gates.
+
+One fuser per receiver layer, with separate networks for keys and values (spec: "The fuser, one
+receiver layer"). All 2 x L networks (L receiver layers, K and V) have identical shapes, so their
+weights are stored *stacked* along a leading group axis G = 2 L (group 2t is layer t's key path,
+2t+1 its value path) and evaluated together: each step of the network is one batched matmul over
+all layers instead of 2 L chains of small kernels. The parameter count is exactly the paper's
+(477,848,056 for Qwen3-0.6B <- Qwen2.5-0.5B); `c2c.checkpoint` maps to and from per-layer weights.
+
+Per group, for X in {K, V} of one receiver layer:
+    h     = in([x_sharer ; x_receiver])                  Linear(Hs*Ds + Hr*Dr -> H)
+    h     = h + Drop(W2 GELU(W1 RMSNorm(h)))             shared block, I = intermediate_dim
+    P     = out(proj_blocks(h))                          num_layers - 2 blocks, Linear(H -> Hr*Dr)
+    alpha = sigmoid(head(weight_block(h)))               block with I = H, Linear(H -> Hr)
+    g     = sigmoid((gate_logit + noise) / tau)  (training) | 1[gate_logit > 0]  (inference)
+    X_fused = X_receiver + g * alpha * P
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from c2c.align import check_layer_map
+
+GATE_NOISES = ("gumbel", "logistic")
+
+
+@dataclass
+class FuserConfig:
+    """Shapes and hyper-parameters of the fusers for one (receiver, sharer) pair."""
+
+    receiver_layers: int
+    receiver_kv_heads: int
+    receiver_head_dim: int
+    sharer_kv_heads: int
+    sharer_head_dim: int
+    layer_map: list[int]  # receiver layer t reads sharer layer layer_map[t]
+    hidden_dim: int = 1024
+    intermediate_dim: int = 1024
+    num_layers: int = 3  # 1 shared block + (num_layers - 2) projection blocks + the output layer
+    dropout: float = 0.1
+    gate_noise: str = "gumbel"  # the paper's; "logistic" makes P(open in training) = sigmoid(logit)
+    initial_temperature: float = 1.0
+    final_temperature: float = 0.001
+    anneal_steps: int = 1929
+    exempt_gates_from_weight_decay: bool = False  # the paper decays them; True is the fix
+    # provenance, checked when a checkpoint is loaded for a model pair
+    receiver: str | None = None
+    sharer: str | None = None
+    alignment: str | None = None  # token alignment strategy, None for a shared vocabulary
+    receiver_signature: dict = field(default_factory=dict)  # model_signature() of the receiver's config
+    sharer_signature: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.num_layers < 2:
+            raise ValueError(f"num_layers must be >= 2 (one shared block + output), got {self.num_layers}")
+        if self.gate_noise not in GATE_NOISES:
+            raise ValueError(f"gate_noise must be one of {GATE_NOISES}, got {self.gate_noise!r}")
+        if len(self.layer_map) != self.receiver_layers:
+            raise ValueError(f"layer_map has {len(self.layer_map)} entries for {self.receiver_layers} receiver layers")
+
+    @classmethod
+    def for_models(cls, receiver_config, sharer_config, layer_map: list[int], **options) -> "FuserConfig":
+        """Shapes read from two transformers model configs."""
+        return cls(
+            receiver_layers=receiver_config.num_hidden_layers,
+            receiver_kv_heads=receiver_config.num_key_value_heads,
+            receiver_head_dim=head_dim(receiver_config),
+            sharer_kv_heads=sharer_config.num_key_value_heads,
+            sharer_head_dim=head_dim(sharer_config),
+            layer_map=list(layer_map),
+            receiver_signature=model_signature(receiver_config),
+            sharer_signature=model_signature(sharer_config),
+            **options,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def check_fits(self, receiver_config, sharer_config) -> None:
+        """Raise a ValueError naming every mismatch between these fusers and a (receiver, sharer) pair."""
+        wrong = []
+        for side, config, recorded in (("receiver", receiver_config, self.receiver_signature),
+                                       ("sharer", sharer_config, self.sharer_signature)):
+            actual = model_signature(config)
+            expected = recorded or {  # checkpoints without a signature: compare the shapes the fuser uses
+                "num_hidden_layers": self.receiver_layers if side == "receiver" else None,
+                "num_key_value_heads": getattr(self, f"{side}_kv_heads"),
+                "head_dim": getattr(self, f"{side}_head_dim"),
+            }
+            wrong += [f"{side} {key}: fuser expects {value}, model has {actual.get(key)}"
+                      for key, value in expected.items() if value is not None and actual.get(key) != value]
+        if wrong:
+            raise ValueError(f"fuser does not fit this model pair ({'; '.join(wrong)}); "
+                             "use a fuser trained for this receiver/sharer pair")
+        check_layer_map(self.layer_map, receiver_config.num_hidden_layers, sharer_config.num_hidden_layers)
+
+
+def model_signature(model_config) -> dict:
+    """The config facts that identify a model's cache layout and vocabulary, recorded in fuser checkpoints."""
+    return {
+        "model_type": model_config.model_type,
+        "num_hidden_layers": model_config.num_hidden_layers,
+        "hidden_size": model_config.hidden_size,
+        "num_key_value_heads": model_config.num_key_value_heads,
+        "head_dim": head_dim(model_config),
+        "vocab_size": model_config.vocab_size,
+    }
+
+
+def head_dim(model_config) -> int:
+    """Per-head dimension of a transformers config (explicit `head_dim`, else hidden / heads)."""
+    explicit = getattr(model_config, "head_dim", None)
+    return explicit or model_config.hidden_size // model_config.num_attention_heads
+
+
+def gate_temperature(step: int, initial: float, final: float, anneal_steps: int) -> float:
+    """tau(step) = tau0 * (tauf / tau0) ** min(step / A, 1)."""
+    progress = min(step / anneal_steps, 1.0) if anneal_steps > 0 else 1.0
+    return initial * (final / initial) ** progress
+
+
+class StackedLinear(nn.Module):
+    """G independent Linear(in -> out) layers applied as one batched matmul: (G, M, in) -> (G, M, out)."""
+
+    def __init__(self, groups: int, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(groups, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(groups, 1, out_features)) if bias else None
+        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default initialisation, per group
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return torch.bmm(x, self.weight)
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class StackedRMSNorm(nn.Module):
+    def __init__(self, groups: int, features: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(groups, 1, features))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
+        normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+class StackedResidualBlock(nn.Module):
+    """y = x + Dropout(W2 GELU(W1 RMSNorm(x))), bias-free, for G groups at once."""
+
+    def __init__(self, groups: int, features: int, intermediate: int, dropout: float):
+        super().__init__()
+        self.norm = StackedRMSNorm(groups, features)
+        self.w1 = StackedLinear(groups, features, intermediate, bias=False)
+        self.w2 = StackedLinear(groups, intermediate, features, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.dropout(self.w2(F.gelu(self.w1(self.norm(x)))))
+
+
+class C2CFuser(nn.Module):
+    """The fusers of every receiver layer for one sharer, K and V paths, with stacked weights."""
+
+    def __init__(self, config: FuserConfig):
+        super().__init__()
+        self.config = config
+        groups = 2 * config.receiver_layers
+        sharer_width = config.sharer_kv_heads * config.sharer_head_dim
+        receiver_width = config.receiver_kv_heads * config.receiver_head_dim
+        hidden = config.hidden_dim
+        self.input = StackedLinear(groups, sharer_width + receiver_width, hidden)
+        self.shared_block = StackedResidualBlock(groups, hidden, config.intermediate_dim, config.dropout)
+        self.projection_blocks = nn.ModuleList(
+            StackedResidualBlock(groups, hidden, config.intermediate_dim, config.dropout)
+            for _ in range(config.num_layers - 2)
+        )
+        self.projection_out = StackedLinear(groups, hidden, receiver_width)
+        self.weight_block = StackedResidualBlock(groups, hidden, hidden, config.dropout)
+        self.weight_head = StackedLinear(groups, hidden, config.receiver_kv_heads)
+        self.gate_logit = nn.Parameter(torch.zeros(groups))
+        self.register_buffer("gate_temperature", torch.tensor(config.initial_temperature, dtype=torch.float32))
+
+    # ---- gates -------------------------------------------------------------------------------
+    def set_step(self, step: int) -> None:
+        """Anneal the gate temperature to optimizer step `step` (call after every optimizer step)."""
+        c = self.config
+        self.gate_temperature.fill_(gate_temperature(step, c.initial_temperature, c.final_temperature, c.anneal_steps))
+
+    def gates(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Gate values broadcastable to (G, B, Hr, N, 1).
+
+        Training: sigmoid((logit + noise) / tau) with noise drawn in float32 per (B, Hr, N) element.
+        Inference: hard 0/1 on the sign of the logit (no host synchronisation).
+        """
+        logit = self.gate_logit.float().view(-1, 1, 1, 1, 1)
+        if not self.training:
+            return (logit > 0).float()
+        uniform = torch.rand(shape, device=logit.device, dtype=torch.float32).clamp_(1e-10, 1 - 1e-10)
+        if self.config.gate_noise == "gumbel":
+            noise = -torch.log(-torch.log(uniform))
+        else:  # logistic = difference of two Gumbels
+            noise = torch.log(uniform) - torch.log1p(-uniform)
+        return torch.sigmoid((logit + noise) / self.gate_temperature)
+
+    def open_gates(self) -> torch.Tensor:
+        """(L, 2) bool: which (layer, K/V) gates are open at inference."""
+        return (self.gate_logit.detach() > 0).view(-1, 2)
+
+    # ---- forward -----------------------------------------------------------------------------
+    def delta(self, sharer_kv: torch.Tensor, receiver_kv: torch.Tensor,
+              fuse_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The fused-in term g * alpha * P for every layer and K/V at once.
+
+        sharer_kv:   (G, B, Hs, N, Ds)  sharer keys/values already picked by the layer map and aligned
+        receiver_kv: (G, B, Hr, N, Dr)
+        fuse_mask:   (B, N) bool, positions to fuse (None = all)
+        returns      (G, B, Hr, N, Dr) in receiver_kv's dtype
+        """
+        G, B, Hs, N, Ds = sharer_kv.shape
+        _, _, Hr, _, Dr = receiver_kv.shape
+        dtype = self.input.weight.dtype
+        x_sharer = sharer_kv.to(dtype).permute(0, 1, 3, 2, 4).reshape(G, B * N, Hs * Ds)  # (G, M, Hs*Ds)
+        x_receiver = receiver_kv.to(dtype).permute(0, 1, 3, 2, 4).reshape(G, B * N, Hr * Dr)  # (G, M, Hr*Dr)
+        hidden = self.shared_block(self.input(torch.cat([x_sharer, x_receiver], dim=-1)))  # (G, M, H)
+        projected = hidden
+        for block in self.projection_blocks:
+            projected = block(projected)
+        projected = self.projection_out(projected).view(G, B, N, Hr, Dr).transpose(2, 3)  # (G, B, Hr, N, Dr)
+        alpha = torch.sigmoid(self.weight_head(self.weight_block(hidden)))  # (G, M, Hr)
+        alpha = alpha.view(G, B, N, Hr).transpose(2, 3).unsqueeze(-1)  # (G, B, Hr, N, 1)
+        wide = torch.promote_types(dtype, torch.float32)  # combine in >= fp32
+        scale = self.gates((G, B, Hr, N, 1)).to(wide) * alpha.to(wide)
+        if fuse_mask is not None:
+            scale = scale * fuse_mask.view(1, B, 1, N, 1)
+        return (scale * projected.to(wide)).to(receiver_kv.dtype)
+
+    def forward(self, sharer_kv: torch.Tensor, receiver_kv: torch.Tensor,
+                fuse_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """X_fused = X_receiver + g * alpha * P, shapes as in `delta`."""
+        return receiver_kv + self.delta(sharer_kv, receiver_kv, fuse_mask)
+
+    # ---- optimiser groups and per-layer view -------------------------------------------------
+    def no_weight_decay_parameter_names(self) -> set[str]:
+        """Parameters the trainer must exclude from weight decay (the gate logits, if configured)."""
+        return {"gate_logit"} if self.config.exempt_gates_from_weight_decay else set()
+
+    # ---- checkpoints (see c2c.checkpoint) ------------------------------------------------------
+    def save_pretrained(self, folder) -> None:
+        from c2c.checkpoint import save_fuser
+
+        save_fuser(self, folder)
+
+    @classmethod
+    def from_pretrained(cls, folder, receiver_config=None, sharer_config=None, **kwargs) -> "C2CFuser":
+        from c2c.checkpoint import load_fuser
+
+        return load_fuser(folder, receiver_config, sharer_config, **kwargs)

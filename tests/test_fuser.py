@@ -1,0 +1,139 @@
+"""The C2C fuser: paper parameter count, gates, temperature schedule, masking, no host syncs."""
+
+import math
+
+import pytest
+import torch
+
+from c2c.fuser import C2CFuser, FuserConfig, gate_temperature
+
+PAPER = dict(receiver_layers=28, receiver_kv_heads=8, receiver_head_dim=128, sharer_kv_heads=2, sharer_head_dim=64,
+             layer_map=[max(0, t - 4) for t in range(28)])
+
+
+def small_config(**options):
+    base = dict(receiver_layers=3, receiver_kv_heads=2, receiver_head_dim=4, sharer_kv_heads=3, sharer_head_dim=2,
+                layer_map=[0, 0, 1], hidden_dim=8, intermediate_dim=6, dropout=0.0)
+    return FuserConfig(**{**base, **options})
+
+
+def random_kv(config, batch=2, length=5, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    groups = 2 * config.receiver_layers
+    sharer = torch.randn(groups, batch, config.sharer_kv_heads, length, config.sharer_head_dim, generator=generator)
+    receiver = torch.randn(groups, batch, config.receiver_kv_heads, length, config.receiver_head_dim, generator=generator)
+    return sharer, receiver
+
+
+def test_paper_parameter_count_is_exact():
+    with torch.device("meta"):
+        fuser = C2CFuser(FuserConfig(**PAPER))
+    assert sum(p.numel() for p in fuser.parameters()) == 477_848_056
+    per_layer_kv_path = 8_533_000
+    assert 28 * (2 * per_layer_kv_path + 2) == 477_848_056
+
+
+def test_gate_temperature_schedule():
+    assert gate_temperature(0, 1.0, 0.001, 1929) == 1.0
+    assert math.isclose(gate_temperature(1929 // 2, 1.0, 0.001, 1929), 0.001 ** ((1929 // 2) / 1929))
+    assert math.isclose(gate_temperature(1929, 1.0, 0.001, 1929), 0.001)
+    assert math.isclose(gate_temperature(5000, 1.0, 0.001, 1929), 0.001)  # clamped after annealing
+    fuser = C2CFuser(small_config(anneal_steps=10))
+    fuser.set_step(5)
+    assert math.isclose(fuser.gate_temperature.item(), 0.001 ** 0.5, rel_tol=1e-6)
+    assert "gate_temperature" in fuser.state_dict()  # saved with checkpoints, so resume keeps it
+
+
+def test_closed_gates_return_the_receiver_cache_exactly():
+    config = small_config()
+    fuser = C2CFuser(config).eval()
+    with torch.no_grad():
+        fuser.gate_logit.fill_(-0.5)
+    sharer, receiver = random_kv(config)
+    assert torch.equal(fuser(sharer, receiver), receiver)
+
+
+def test_open_gates_change_only_unmasked_positions():
+    config = small_config()
+    fuser = C2CFuser(config).eval()
+    with torch.no_grad():
+        fuser.gate_logit.fill_(0.5)
+    sharer, receiver = random_kv(config)
+    mask = torch.tensor([[True, False, True, True, False], [False, False, True, False, True]])
+    fused = fuser(sharer, receiver, mask)
+    changed = (fused != receiver).any(dim=(0, 2, 4))  # (B, N)
+    assert torch.equal(changed, mask)
+
+
+def test_one_layer_gate_opens_only_that_layer():
+    config = small_config()
+    fuser = C2CFuser(config).eval()
+    with torch.no_grad():
+        fuser.gate_logit.fill_(-1.0)
+        fuser.gate_logit[3] = 1.0  # layer 1, values
+    sharer, receiver = random_kv(config)
+    changed = (fuser(sharer, receiver) != receiver).flatten(1).any(1)
+    assert changed.tolist() == [False, False, False, True, False, False]
+    assert fuser.open_gates().tolist() == [[False, False], [False, True], [False, False]]
+
+
+@pytest.mark.parametrize("noise, expected", [("gumbel", 1 - math.exp(-1)), ("logistic", 0.5)])
+def test_training_gate_open_probability(noise, expected):
+    """At logit 0, tau -> 0: Gumbel noise opens 1 - exp(-1) = 63% (the paper's mismatch); logistic 50%."""
+    fuser = C2CFuser(small_config(gate_noise=noise)).train()
+    fuser.gate_temperature.fill_(1e-3)
+    torch.manual_seed(0)
+    gates = fuser.gates((6, 50, 2, 100, 1))
+    assert gates.dtype == torch.float32
+    assert abs((gates > 0.5).float().mean().item() - expected) < 0.01
+
+
+def test_training_mode_draws_noise_per_element_and_dropout():
+    config = small_config(dropout=0.1)
+    fuser = C2CFuser(config).train()
+    sharer, receiver = random_kv(config)
+    torch.manual_seed(1)
+    first = fuser(sharer, receiver)
+    torch.manual_seed(2)
+    second = fuser(sharer, receiver)
+    assert not torch.equal(first, second)
+    fuser.eval()
+    assert torch.equal(fuser(sharer, receiver), fuser(sharer, receiver))
+
+
+def test_forward_makes_no_host_synchronisation(monkeypatch):
+    config = small_config()
+    fuser = C2CFuser(config)
+    sharer, receiver = random_kv(config)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host synchronisation inside the fuser forward")
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    for mode in (True, False):
+        fuser.train(mode)
+        fuser(sharer, receiver, torch.ones(2, 5, dtype=torch.bool))
+
+
+def test_bf16_fuser_on_fp32_cache_keeps_cache_dtype():
+    config = small_config()
+    fuser = C2CFuser(config).to(torch.bfloat16).eval()
+    sharer, receiver = random_kv(config)
+    assert fuser(sharer, receiver).dtype == torch.float32
+
+
+def test_weight_decay_exemption_is_readable():
+    assert C2CFuser(small_config()).no_weight_decay_parameter_names() == set()
+    exempt = C2CFuser(small_config(exempt_gates_from_weight_decay=True)).no_weight_decay_parameter_names()
+    assert exempt == {"gate_logit"}
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(num_layers=1), "num_layers"),
+    (dict(gate_noise="uniform"), "gate_noise"),
+    (dict(layer_map=[0, 1]), "layer_map"),
+])
+def test_bad_config_is_rejected(bad, message):
+    with pytest.raises(ValueError, match=message):
+        small_config(**bad)
