@@ -223,6 +223,26 @@ class C2CModel(nn.Module):
             layer.keys, layer.values = fused[2 * t], fused[2 * t + 1]
         return cache
 
+    def forward(self, inputs: FusedInputs, continuation_ids: torch.Tensor | None = None,
+                continuation_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Receiver logits after the fused prefix: for the last prompt token and each continuation token.
+
+        continuation_ids: (B, R) right-padded tokens that follow the prompt (e.g. the answer to train
+        on), continuation_mask: (B, R). Returns logits (B, 1 + R, V): position 0 predicts the first
+        continuation token. Gradients flow into the fusers (not the frozen models).
+        """
+        cache = self.prefill(inputs)
+        ids = inputs.input_ids[:, -1:]  # (B, 1) the last prompt token, never fused
+        mask = inputs.attention_mask
+        if continuation_ids is not None:
+            if continuation_mask is None:
+                continuation_mask = torch.ones_like(continuation_ids)
+            ids = torch.cat([ids, continuation_ids], dim=1)  # (B, 1 + R)
+            mask = torch.cat([mask, continuation_mask.to(mask.dtype)], dim=1)
+        positions = position_ids(mask)[:, -ids.shape[1]:]
+        return self.receiver(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                             use_cache=True).logits
+
     @torch.no_grad()
     def generate(self, inputs: FusedInputs, **generate_kwargs):
         """Fused prefill, then `receiver.generate` continuing from the fused cache (all its options apply)."""

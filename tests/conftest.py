@@ -18,11 +18,11 @@ def tiny_sharer():
     return load_model("tiny-sharer")
 
 
-def make_fuser(receiver, sharer, seed=0, gate_logit=None, **options) -> C2CFuser:
+def make_fuser(receiver_model, sharer_model, seed=0, gate_logit=None, **options) -> C2CFuser:
     """A small random fuser for a model pair, in eval mode; gate_logit sets every gate logit."""
     defaults = dict(hidden_dim=32, intermediate_dim=24)
-    config = FuserConfig.for_models(receiver.config, sharer.config,
-                                    layer_map(receiver.config.num_hidden_layers, sharer.config.num_hidden_layers),
+    config = FuserConfig.for_models(receiver_model.config, sharer_model.config,
+                                    layer_map(receiver_model.config.num_hidden_layers, sharer_model.config.num_hidden_layers),
                                     **{**defaults, **options})
     torch.manual_seed(seed)
     fuser = C2CFuser(config).eval()

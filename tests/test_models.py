@@ -1,0 +1,63 @@
+"""Model loading: the offline tiny pair, local folders, hub ids without a hub, clear errors."""
+
+import hashlib
+
+import pytest
+import torch
+
+from c2c.align import shares_vocabulary
+from c2c.models import build_tiny_model, load_model
+
+
+def folder_digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_tiny_pair_is_deterministic(tmp_path):
+    for name in ("tiny-receiver", "tiny-sharer"):
+        first = folder_digest(build_tiny_model(name, tmp_path / f"{name}-a"))
+        second = folder_digest(build_tiny_model(name, tmp_path / f"{name}-b"))
+        assert first == second and "model.safetensors" in first
+
+
+def test_tiny_pair_has_real_architectures_and_different_tokenizers(tiny_receiver, tiny_sharer):
+    (receiver, receiver_tokenizer), (sharer, sharer_tokenizer) = tiny_receiver, tiny_sharer
+    assert receiver.config.model_type == "qwen3" and sharer.config.model_type == "llama"
+    assert receiver.config.num_hidden_layers != sharer.config.num_hidden_layers
+    assert not shares_vocabulary(receiver_tokenizer, sharer_tokenizer)
+    text = "What is the capital of France?"
+    assert receiver_tokenizer(text)["input_ids"] != sharer_tokenizer(text)["input_ids"]
+    assert receiver_tokenizer.decode(receiver_tokenizer(text)["input_ids"]) == text
+    chat = [{"role": "user", "content": text}]
+    rendered = receiver_tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True,
+                                                      enable_thinking=False)
+    assert rendered.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert not any(p.requires_grad for p in receiver.parameters()) and not receiver.training
+    assert receiver_tokenizer.padding_side == "left"
+
+
+def test_local_folder_loads(tiny_receiver, tmp_path):
+    model, tokenizer = tiny_receiver
+    model.save_pretrained(tmp_path / "copy")
+    tokenizer.save_pretrained(tmp_path / "copy")
+    again, _ = load_model(tmp_path / "copy")
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_missing_local_paths_raise(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model("./missing-model.gguf")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(tmp_path / "empty")
+
+
+def test_unreachable_hub_says_what_to_do(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import; fails fast, no retries
+    with pytest.raises(OSError, match="pass a local model folder or .gguf file"):
+        load_model("Qwen/Qwen3-0.6B-not-cached")

