@@ -234,21 +234,21 @@ class TokenAligner:
                 raise ValueError(f"align_chat: message {i} has empty or non-text content {content!r}")
             contents.append(content)
 
-        receiver_text = self._render(self.receiver, messages, add_generation_prompt, enable_thinking)
         if self.shared_vocabulary:
-            receiver_ids = self._encode(self.receiver, receiver_text)
+            receiver_ids = self._encode(self.receiver, self._render(self.receiver, messages, add_generation_prompt,
+                                                                    enable_thinking))
             n = len(receiver_ids)
             return AlignedPrompt(receiver_ids, list(receiver_ids), list(range(n)), [True] * n)
 
+        render = (messages, add_generation_prompt, enable_thinking)
+        receiver_templates = self._template_spans(self.receiver, *render, side="receiver")  # (M+1,) texts
         if self.sharer_template == "receiver":
-            sharer_text = receiver_text
+            sharer_templates = receiver_templates
         elif not self.sharer.chat_template:
             raise ValueError('the sharer tokenizer has no chat template; use sharer_template="receiver" '
                              "to render its template spans from the receiver's template")
         else:
-            sharer_text = self._render(self.sharer, messages, add_generation_prompt, enable_thinking)
-        receiver_templates = _template_spans(receiver_text, contents, "receiver")  # (M+1,) texts
-        sharer_templates = _template_spans(sharer_text, contents, "sharer")  # (M+1,) texts
+            sharer_templates = self._template_spans(self.sharer, *render, side="sharer")  # (M+1,) texts
 
         # Spans are encoded one by one. This equals encoding the whole rendered text when the
         # span borders are also pre-token borders, which holds for the ChatML templates here
@@ -279,15 +279,27 @@ class TokenAligner:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking
         )
 
+    def _template_spans(self, tokenizer, messages, add_generation_prompt: bool, enable_thinking: bool,
+                        side: str) -> list[str]:
+        """The M+1 template texts around the M message contents.
 
-def _template_spans(text: str, contents: list[str], side: str) -> list[str]:
-    """Split a rendered chat into the M+1 template texts around the M message contents."""
-    spans, cursor = [], 0
-    for i, content in enumerate(contents):
-        found = text.find(content, cursor)
-        if found < 0:
-            raise ValueError(f"message {i} content not found verbatim in the {side}'s rendered chat template")
-        spans.append(text[cursor:found])
-        cursor = found + len(content)
-    spans.append(text[cursor:])
-    return spans
+        Found by rendering the chat with a unique placeholder per message (so a content that also
+        occurs in template text, e.g. a default system prompt, cannot be matched in the wrong place),
+        then checked against the real rendering.
+        """
+        placeholders = [f"\x00c2c-message-{i}\x00" for i in range(len(messages))]
+        marked = self._render(tokenizer, [{**m, "content": p} for m, p in zip(messages, placeholders)],
+                              add_generation_prompt, enable_thinking)
+        spans, rest = [], marked
+        for i, placeholder in enumerate(placeholders):
+            before, found, rest = rest.partition(placeholder)
+            if not found:
+                raise ValueError(f"message {i} does not appear in the {side}'s rendered chat template")
+            spans.append(before)
+        spans.append(rest)
+        contents = [m["content"] for m in messages] + [""]
+        if "".join(span + content for span, content in zip(spans, contents)) != self._render(
+                tokenizer, messages, add_generation_prompt, enable_thinking):
+            raise ValueError(f"the {side}'s chat template changes the message text (e.g. strips it), so message "
+                             "spans cannot be aligned; pass the contents already in the form the template writes")
+        return spans

@@ -393,6 +393,25 @@ def test_align_chat_errors(qwen3, smollm2):
         TokenAligner(upper, qwen3).align_chat([{"role": "user", "content": "hello"}])
 
 
+def test_message_also_in_a_default_system_prompt(qwen3, smollm2):
+    """SmolLM2's template adds a system prompt ending in "Hugging Face"; a user message "Hugging Face"
+    must align to the user turn, not to the system prompt."""
+    messages = [{"role": "user", "content": "Hugging Face"}]
+    a = TokenAligner(qwen3, smollm2).align_chat(messages)
+    rendered = smollm2.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert smollm2.decode(a.sharer_ids) == rendered  # the sharer reads its own, intact template
+    fused = [a.sharer_index[i] for i, f in enumerate(a.fuse_mask) if f]
+    assert smollm2.decode([a.sharer_ids[i] for i in fused]) == "Hugging Face"
+    assert min(fused) > len(smollm2.encode(rendered.split("<|im_start|>user")[0]))  # after the system turn
+
+
+def test_template_that_rewrites_contents_is_refused(qwen3, smollm2):
+    trimming = _load("smollm2")
+    trimming.chat_template = "{% for m in messages %}<|im_start|>{{ m.content | trim }}<|im_end|>{% endfor %}"
+    with pytest.raises(ValueError, match="sharer's chat template changes the message text"):
+        TokenAligner(qwen3, trimming).align_chat([{"role": "user", "content": " hello "}])
+
+
 def test_aligner_argument_errors(qwen3, smollm2):
     with pytest.raises(ValueError, match="'widest'.*first.*longest"):
         TokenAligner(qwen3, smollm2, strategy="widest")
