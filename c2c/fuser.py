@@ -28,6 +28,9 @@ from torch import nn
 from c2c.align import check_layer_map
 
 GATE_NOISES = ("gumbel", "logistic")
+# the paper's ablation: the projected sharer cache replaces the receiver's ("projection"), is added
+# under dynamic weights ("fusion": X_r + alpha * P), or is added under weights and gates ("full")
+FUSER_VARIANTS = ("projection", "fusion", "full")
 
 
 @dataclass
@@ -49,6 +52,7 @@ class FuserConfig:
     final_temperature: float = 0.001
     anneal_steps: int = 1929
     exempt_gates_from_weight_decay: bool = False  # the paper decays them; True is the fix
+    variant: str = "full"  # one of FUSER_VARIANTS; "full" is the paper's C2C fuser
     # provenance, checked when a checkpoint is loaded for a model pair
     receiver: str | None = None
     sharer: str | None = None
@@ -59,6 +63,8 @@ class FuserConfig:
     def __post_init__(self):
         if self.num_layers < 2:
             raise ValueError(f"num_layers must be >= 2 (one shared block + output), got {self.num_layers}")
+        if self.variant not in FUSER_VARIANTS:
+            raise ValueError(f"variant must be one of {FUSER_VARIANTS}, got {self.variant!r}")
         if self.gate_noise not in GATE_NOISES:
             raise ValueError(f"gate_noise must be one of {GATE_NOISES}, got {self.gate_noise!r}")
         if len(self.layer_map) != self.receiver_layers:
@@ -179,16 +185,19 @@ class C2CFuser(nn.Module):
         sharer_width = config.sharer_kv_heads * config.sharer_head_dim
         receiver_width = config.receiver_kv_heads * config.receiver_head_dim
         hidden = config.hidden_dim
-        self.input = StackedLinear(groups, sharer_width + receiver_width, hidden)
+        reads_receiver = config.variant != "projection"
+        self.input = StackedLinear(groups, sharer_width + receiver_width * reads_receiver, hidden)
         self.shared_block = StackedResidualBlock(groups, hidden, config.intermediate_dim, config.dropout)
         self.projection_blocks = nn.ModuleList(
             StackedResidualBlock(groups, hidden, config.intermediate_dim, config.dropout)
             for _ in range(config.num_layers - 2)
         )
         self.projection_out = StackedLinear(groups, hidden, receiver_width)
-        self.weight_block = StackedResidualBlock(groups, hidden, hidden, config.dropout)
-        self.weight_head = StackedLinear(groups, hidden, config.receiver_kv_heads)
-        self.gate_logit = nn.Parameter(torch.zeros(groups))
+        if config.variant != "projection":
+            self.weight_block = StackedResidualBlock(groups, hidden, hidden, config.dropout)
+            self.weight_head = StackedLinear(groups, hidden, config.receiver_kv_heads)
+        if config.variant == "full":
+            self.gate_logit = nn.Parameter(torch.zeros(groups))
         self.register_buffer("gate_temperature", torch.tensor(config.initial_temperature, dtype=torch.float32))
 
     # ---- gates -------------------------------------------------------------------------------
@@ -202,7 +211,10 @@ class C2CFuser(nn.Module):
 
         Training: sigmoid((logit + noise) / tau) with noise drawn in float32 per (B, Hr, N) element.
         Inference: hard 0/1 on the sign of the logit (no host synchronisation).
+        Variants without gates: always 1.
         """
+        if self.config.variant != "full":
+            return torch.ones((), device=self.input.weight.device)
         logit = self.gate_logit.float().view(-1, 1, 1, 1, 1)
         if not self.training:
             return (logit > 0).float()
@@ -214,13 +226,15 @@ class C2CFuser(nn.Module):
         return torch.sigmoid((logit + noise) / self.gate_temperature)
 
     def open_gates(self) -> torch.Tensor:
-        """(L, 2) bool: which (layer, K/V) gates are open at inference."""
+        """(L, 2) bool: which (layer, K/V) gates are open at inference (all, for variants without gates)."""
+        if self.config.variant != "full":
+            return torch.ones(self.config.receiver_layers, 2, dtype=torch.bool)
         return (self.gate_logit.detach() > 0).view(-1, 2)
 
     # ---- forward -----------------------------------------------------------------------------
     def delta(self, sharer_kv: torch.Tensor, receiver_kv: torch.Tensor,
               fuse_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The fused-in term g * alpha * P for every layer and K/V at once.
+        """The fused-in term g * alpha * P for every layer and K/V at once ("projection" variant: P - X_r).
 
         sharer_kv:   (G, B, Hs, N, Ds)  sharer keys/values already picked by the layer map and aligned
         receiver_kv: (G, B, Hr, N, Dr)
@@ -232,15 +246,20 @@ class C2CFuser(nn.Module):
         dtype = self.input.weight.dtype
         x_sharer = sharer_kv.to(dtype).permute(0, 1, 3, 2, 4).reshape(G, B * N, Hs * Ds)  # (G, M, Hs*Ds)
         x_receiver = receiver_kv.to(dtype).permute(0, 1, 3, 2, 4).reshape(G, B * N, Hr * Dr)  # (G, M, Hr*Dr)
-        hidden = self.shared_block(self.input(torch.cat([x_sharer, x_receiver], dim=-1)))  # (G, M, H)
+        projection_only = self.config.variant == "projection"
+        features = x_sharer if projection_only else torch.cat([x_sharer, x_receiver], dim=-1)
+        hidden = self.shared_block(self.input(features))  # (G, M, H)
         projected = hidden
         for block in self.projection_blocks:
             projected = block(projected)
         projected = self.projection_out(projected).view(G, B, N, Hr, Dr).transpose(2, 3)  # (G, B, Hr, N, Dr)
-        alpha = torch.sigmoid(self.weight_head(self.weight_block(hidden)))  # (G, M, Hr)
-        alpha = alpha.view(G, B, N, Hr).transpose(2, 3).unsqueeze(-1)  # (G, B, Hr, N, 1)
         wide = torch.promote_types(dtype, torch.float32)  # combine in >= fp32
-        scale = self.gates((G, B, Hr, N, 1)).to(wide) * alpha.to(wide)
+        if projection_only:  # P replaces X_r: the delta is P - X_r
+            projected, scale = projected.to(wide) - receiver_kv.to(wide), torch.ones((), device=projected.device)
+        else:
+            alpha = torch.sigmoid(self.weight_head(self.weight_block(hidden)))  # (G, M, Hr)
+            alpha = alpha.view(G, B, N, Hr).transpose(2, 3).unsqueeze(-1)  # (G, B, Hr, N, 1)
+            scale = self.gates((G, B, Hr, N, 1)).to(wide) * alpha.to(wide)
         if fuse_mask is not None:
             scale = scale * fuse_mask.view(1, B, 1, N, 1)
         return (scale * projected.to(wide)).to(receiver_kv.dtype)
@@ -253,7 +272,8 @@ class C2CFuser(nn.Module):
     # ---- optimiser groups and per-layer view -------------------------------------------------
     def no_weight_decay_parameter_names(self) -> set[str]:
         """Parameters the trainer must exclude from weight decay (the gate logits, if configured)."""
-        return {"gate_logit"} if self.config.exempt_gates_from_weight_decay else set()
+        exempt = self.config.exempt_gates_from_weight_decay and self.config.variant == "full"
+        return {"gate_logit"} if exempt else set()
 
     # ---- checkpoints (see c2c.checkpoint) ------------------------------------------------------
     def save_pretrained(self, folder) -> None:

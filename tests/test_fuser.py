@@ -129,9 +129,28 @@ def test_weight_decay_exemption_is_readable():
     assert exempt == {"gate_logit"}
 
 
+def test_ablation_variants():
+    """projection: P replaces the receiver cache; fusion: X_r + alpha * P without gates; full: the paper's."""
+    config = small_config(variant="projection")
+    projection = C2CFuser(config).eval()
+    assert not hasattr(projection, "gate_logit") and not hasattr(projection, "weight_head")
+    sharer, receiver = random_kv(config)
+    fused = projection(sharer, receiver)
+    assert torch.allclose(projection(sharer, torch.zeros_like(receiver)), fused)  # receiver cache ignored
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    assert torch.equal(projection(sharer, receiver, mask), receiver)  # unmasked positions keep the receiver's
+    fusion = C2CFuser(small_config(variant="fusion")).eval()
+    assert not hasattr(fusion, "gate_logit") and fusion.open_gates().all()
+    assert not torch.equal(fusion(sharer, receiver), receiver)  # no gate: always fused
+    counts = {v: sum(p.numel() for p in C2CFuser(small_config(variant=v)).parameters())
+              for v in ("projection", "fusion", "full")}
+    assert counts["projection"] < counts["fusion"] == counts["full"] - 6
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(num_layers=1), "num_layers"),
     (dict(gate_noise="uniform"), "gate_noise"),
+    (dict(variant="gateless"), "variant"),
     (dict(layer_map=[0, 1]), "layer_map"),
 ])
 def test_bad_config_is_rejected(bad, message):
