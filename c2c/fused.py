@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from c2c.align import AlignedPrompt, TokenAligner
 from c2c.fuser import C2CFuser
@@ -102,12 +102,31 @@ def prefix_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     return cache
 
 
+def to_static_cache(cache: DynamicCache, config, max_cache_len: int) -> StaticCache:
+    """Copy a prefix cache into a preallocated `StaticCache` (what compiled / CUDA-graph decoding needs)."""
+    static = StaticCache(config=config, max_cache_len=max_cache_len)
+    for target, source in zip(static.layers, cache.layers):
+        target.update(source.keys, source.values)  # fills positions [0, n) and advances the length
+    return static
+
+
 @torch.no_grad()
 def generate_from_prefix(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         cache: DynamicCache | None = None, **generate_kwargs):
-    """`model.generate` continuing from `cache` (default: the model's own prefix cache of the prompt)."""
+                         cache: DynamicCache | None = None, *, static_cache: bool | None = None, **generate_kwargs):
+    """`model.generate` continuing from `cache` (default: the model's own prefix cache of the prompt).
+
+    static_cache: decode with a preallocated StaticCache, which transformers compiles on CUDA
+    (None = only where the model is on a CUDA device; eager dynamic cache on CPU).
+    """
     if cache is None:
         cache = prefix_cache(model, input_ids, attention_mask)
+    if static_cache is None:
+        static_cache = input_ids.device.type == "cuda"
+    if static_cache:
+        max_new_tokens = generate_kwargs.get("max_new_tokens") or model.generation_config.max_new_tokens
+        if not max_new_tokens:
+            raise ValueError("static_cache=True needs max_new_tokens to size the cache")
+        cache = to_static_cache(cache, model.config, input_ids.shape[1] + max_new_tokens)
     return model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **generate_kwargs)
 
 
@@ -244,9 +263,9 @@ class C2CModel(nn.Module):
                              use_cache=True).logits
 
     @torch.no_grad()
-    def generate(self, inputs: FusedInputs, **generate_kwargs):
+    def generate(self, inputs: FusedInputs, *, static_cache: bool | None = None, **generate_kwargs):
         """Fused prefill, then `receiver.generate` continuing from the fused cache (all its options apply)."""
         self.check_lengths(inputs, generate_kwargs.get("max_new_tokens") or 0)
         return generate_from_prefix(self.receiver, inputs.input_ids, inputs.attention_mask, self.prefill(inputs),
-                                    **generate_kwargs)
+                                    static_cache=static_cache, **generate_kwargs)
 

@@ -47,6 +47,16 @@ def test_closed_gates_reproduce_the_receiver_alone(pair):
     torch.testing.assert_close(torch.stack(fused.logits), torch.stack(plain.logits), rtol=0, atol=1e-5)
 
 
+def test_static_cache_engine_gives_the_same_tokens(pair):
+    """The static-cache path (compiled on CUDA) decodes the same greedy tokens as the dynamic cache."""
+    model = fused_model(pair, gate_logit=1.0)
+    inputs = model.prepare(PROMPTS)
+    dynamic = model.generate(inputs, static_cache=False, **GREEDY)
+    static = model.generate(inputs, static_cache=True, **GREEDY)
+    assert torch.equal(dynamic.sequences, static.sequences)
+    torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), rtol=0, atol=1e-5)
+
+
 def test_open_gates_change_the_answer(pair):
     model = fused_model(pair, gate_logit=1.0)
     inputs = model.prepare(PROMPTS)
