@@ -156,6 +156,32 @@ def tiny_model_path(name: str) -> Path:
     return folder
 
 
+# The paper's main pair, as configs (from the models' published config.json), for benchmarks with
+# random weights of the real shapes where the weights cannot be downloaded.
+PAPER_SHAPES = {
+    "qwen3-0.6b": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                       max_position_embeddings=40960, rope_theta=1000000.0, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=True),
+}
+
+
+def paper_shape_model(name: str, *, dtype: torch.dtype = torch.bfloat16, device=None, seed: int = 0):
+    """A frozen model with the real architecture and shapes of `name` (see PAPER_SHAPES) and random weights."""
+    from transformers import AutoConfig
+
+    if name not in PAPER_SHAPES:
+        raise ValueError(f"unknown paper shape {name!r}; known: {sorted(PAPER_SHAPES)}")
+    fields = dict(PAPER_SHAPES[name])
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    torch.manual_seed(seed)
+    with torch.device(device or "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.requires_grad_(False).eval()
+
+
 def resolve_model_source(source: str | os.PathLike, gguf_file: str | None = None) -> tuple[str, str | None]:
     """Turn a user's model reference into (what from_pretrained takes, gguf file name or None).
 

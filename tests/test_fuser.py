@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
+from c2c.align import layer_map
 from c2c.fuser import C2CFuser, FuserConfig, gate_temperature
+from c2c.models import paper_shape_model
 
 PAPER = dict(receiver_layers=28, receiver_kv_heads=8, receiver_head_dim=128, sharer_kv_heads=2, sharer_head_dim=64,
              layer_map=[max(0, t - 4) for t in range(28)])
@@ -31,6 +33,17 @@ def test_paper_parameter_count_is_exact():
     assert sum(p.numel() for p in fuser.parameters()) == 477_848_056
     per_layer_kv_path = 8_533_000
     assert 28 * (2 * per_layer_kv_path + 2) == 477_848_056
+
+
+def test_paper_pair_configs_give_the_paper_count():
+    """Qwen3-0.6B <- Qwen2.5-0.5B built from configs (no weights): model sizes and the fuser count."""
+    receiver = paper_shape_model("qwen3-0.6b", device="meta")
+    sharer = paper_shape_model("qwen2.5-0.5b", device="meta")
+    assert receiver.num_parameters() == 596_049_920 and sharer.num_parameters() == 494_032_768
+    config = FuserConfig.for_models(receiver.config, sharer.config, layer_map(28, 24))
+    with torch.device("meta"):
+        fuser = C2CFuser(config)
+    assert sum(p.numel() for p in fuser.parameters()) == 477_848_056
 
 
 def test_gate_temperature_schedule():
