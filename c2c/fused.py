@@ -142,19 +142,24 @@ def _stack_kv(cache: DynamicCache) -> torch.Tensor:
 class C2CModel(nn.Module):
     """A receiver that answers from a cache fused with the caches of one or more sharers.
 
-    receiver, sharers: frozen transformers causal LMs; tokenizers: theirs; fusers: one `C2CFuser`
-    per sharer. `alignment`: token alignment strategy ("first"/"longest") for sharers whose
-    vocabulary differs from the receiver's; None disables alignment (then such a sharer is an error).
+    receiver, sharers: frozen transformers causal LMs; tokenizers: theirs (both None for a model fed
+    `FusedInputs` built elsewhere, e.g. from token ids); fusers: one `C2CFuser` per sharer.
+    `alignment`: token alignment strategy ("first"/"longest") for sharers whose vocabulary differs
+    from the receiver's; None disables alignment (then such a sharer is an error).
     """
 
-    def __init__(self, receiver, receiver_tokenizer, sharers: Sequence, sharer_tokenizers: Sequence,
+    def __init__(self, receiver, receiver_tokenizer, sharers: Sequence, sharer_tokenizers: Sequence | None,
                  fusers: Sequence[C2CFuser], *, alignment: str | None = "longest", multi_sharer: str = "sequential"):
         super().__init__()
+        if sharer_tokenizers is None:
+            sharer_tokenizers = [None] * len(sharers)
         if not (len(sharers) == len(sharer_tokenizers) == len(fusers)) or not sharers:
             raise ValueError(f"need one tokenizer and one fuser per sharer, got {len(sharers)} sharers, "
                              f"{len(sharer_tokenizers)} tokenizers, {len(fusers)} fusers")
         if multi_sharer not in MULTI_SHARER_MODES:
             raise ValueError(f"multi_sharer must be one of {MULTI_SHARER_MODES}, got {multi_sharer!r}")
+        if (receiver_tokenizer is None) != any(t is None for t in sharer_tokenizers):
+            raise ValueError("give the receiver's and every sharer's tokenizer, or none of them")
         self.receiver = receiver.requires_grad_(False).eval()
         self.sharers = nn.ModuleList(s.requires_grad_(False).eval() for s in sharers)
         self.fusers = nn.ModuleList(fusers)
@@ -164,6 +169,8 @@ class C2CModel(nn.Module):
         self.aligners = []
         for i, (sharer, tokenizer, fuser) in enumerate(zip(sharers, sharer_tokenizers, fusers)):
             fuser.config.check_fits(receiver.config, sharer.config)
+            if receiver_tokenizer is None:
+                continue
             aligner = TokenAligner(receiver_tokenizer, tokenizer, strategy=alignment or "first")
             if not aligner.shared_vocabulary and alignment is None:
                 raise ValueError(f"sharer {i} has a different tokenizer from the receiver and alignment is disabled; "
@@ -179,6 +186,8 @@ class C2CModel(nn.Module):
     def prepare(self, prompts: Sequence, *, chat: bool = True, add_generation_prompt: bool = True,
                 enable_thinking: bool = False) -> FusedInputs:
         """Tokenize and align a batch: chats (lists of {"role", "content"}) or, with chat=False, plain texts."""
+        if not self.aligners:
+            raise ValueError("this C2CModel was built without tokenizers: pass FusedInputs built from token ids")
         if not prompts:
             raise ValueError("prepare() got an empty batch of prompts")
         aligned = []
