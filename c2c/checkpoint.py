@@ -67,6 +67,7 @@ def load_fuser(folder: str | Path, receiver_config=None, sharer_config=None, *, 
     state = load_file(weights_path)
     _check_state_dict(fuser, state, str(weights_path))
     fuser.load_state_dict(state, assign=True)
+    fuser.register_index_buffers()
     return fuser.to(device=device, dtype=dtype).eval()
 
 
@@ -147,6 +148,7 @@ def import_published(folder: str | Path, receiver_config=None, sharer_config=Non
     with torch.device("meta"):
         fuser = C2CFuser(config)
     fuser = fuser.to_empty(device="cpu").to(stored_dtype)  # every value is overwritten below, exactly
+    fuser.register_index_buffers()
     stacked = fuser.state_dict()
     key_map = published_key_map(config.num_layers)
     for t, projector in enumerate(projector_of_layer):

@@ -225,9 +225,7 @@ class C2CModel(nn.Module):
         _, B, Hs, _, Ds = kv.shape
         index = sharer_inputs.index[:, :length].view(1, B, 1, length, 1).expand(kv.shape[0], B, Hs, length, Ds)
         kv = kv.gather(3, index)  # (2S, B, Hs, n, Ds): aligned to receiver positions
-        layer_map = torch.tensor(self.fusers[i].config.layer_map, device=kv.device)
-        groups = torch.stack([2 * layer_map, 2 * layer_map + 1], dim=1).flatten()  # (2L,) K, V of each receiver layer
-        return kv.index_select(0, groups)
+        return kv.index_select(0, self.fusers[i].sharer_groups)  # (2L, B, Hs, n, Ds) K, V of each receiver layer
 
     def prefill(self, inputs: FusedInputs) -> DynamicCache:
         """Receiver cache of every prompt token but the last, with the sharers fused in.

@@ -199,6 +199,15 @@ class C2CFuser(nn.Module):
         if config.variant == "full":
             self.gate_logit = nn.Parameter(torch.zeros(groups))
         self.register_buffer("gate_temperature", torch.tensor(config.initial_temperature, dtype=torch.float32))
+        self.register_index_buffers()
+
+    def register_index_buffers(self, device=None) -> None:
+        """(Re)build `sharer_groups` (2L,): the sharer K/V group each group reads (sharer layer s: K = 2s,
+        V = 2s + 1). A buffer, so indexing with it on the fuser's device needs no host-to-device copy;
+        derived from the config, so not saved (loaders that build on the meta device call this)."""
+        layer_map = torch.tensor(self.config.layer_map, device=device)
+        self.register_buffer("sharer_groups", torch.stack([2 * layer_map, 2 * layer_map + 1], dim=1).flatten(),
+                             persistent=False)
 
     # ---- gates -------------------------------------------------------------------------------
     def set_step(self, step: int) -> None:

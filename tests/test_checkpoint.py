@@ -23,6 +23,11 @@ def test_round_trip_is_exact(tmp_path, tiny_receiver, tiny_sharer):
     assert not loaded.training
     for name, tensor in fuser.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name]), name
+    assert torch.equal(loaded.sharer_groups, torch.tensor([0, 1, 0, 1, 2, 3, 4, 5]))  # layer map [0, 0, 1, 2]
+    sharer_kv, receiver_kv = torch.randn(8, 1, 3, 4, 8), torch.randn(8, 1, 2, 4, 16)
+    with torch.no_grad():
+        fuser.gate_logit.fill_(1.0), loaded.gate_logit.fill_(1.0)
+    assert torch.equal(fuser.eval()(sharer_kv, receiver_kv), loaded(sharer_kv, receiver_kv))
 
 
 def test_loading_for_the_wrong_pair_names_the_mismatch(tmp_path, tiny_receiver, tiny_sharer):

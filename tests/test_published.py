@@ -98,6 +98,7 @@ def test_import_matches_float64_reference(tmp_path):
     assert fuser.config.layer_map == layer_map
     assert fuser.config.num_layers == 4 and fuser.config.hidden_dim == 8
     assert fuser.gate_temperature.item() == pytest.approx(0.37)
+    assert fuser.sharer_groups.tolist() == [0, 1, 0, 1, 2, 3]
 
     g = torch.Generator().manual_seed(42)
     B, N = 2, 5
