@@ -1,0 +1,643 @@
+"""Chat data for training fusers: loading, templating, label masking, alignment, splits and batches.
+
+Spec, "Training recipe": system turns are removed; an example is the *instruction* (the receiver's
+chat template of every message but the last, `add_generation_prompt=True`, thinking disabled)
+followed by the *continuation*: the last assistant turn as the template renders it, with its end
+tokens (for ChatML `<|im_end|>\\n`). Only continuation tokens are scored; examples longer than
+`max_length` receiver tokens (instruction + continuation) are dropped; a seeded 99/1 split gives
+train and eval examples.
+
+Sources (`load_conversations`):
+- a hub dataset name (e.g. `teknium/OpenHermes-2.5`), first N records, via `datasets`;
+- a local `.jsonl`/`.json`/`.parquet` file of records with either
+  `conversations: [{"from": "system"|"human"|"gpt", "value": ...}]` (ShareGPT/OpenHermes) or
+  `messages: [{"role", "content"}]`;
+- `synthetic:facts`: invented facts made here (`synthetic_facts`), a task a sharer fine-tuned on
+  them can solve and a receiver cannot.
+
+Examples are tokenized and aligned once (`tokenize_chats`) into flat arrays (`TokenizedChats`)
+that can be saved as .npy files, memory-mapped and shared by every process of a multi-GPU run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from c2c.align import AlignedPrompt, TokenAligner
+from c2c.fused import FusedInputs, collate
+
+DATA_FORMAT_VERSION = "c2c-chats/1"  # bump when tokenization/templating below changes (invalidates caches)
+IGNORE_INDEX = -100
+ROLE_NAMES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+SYNTHETIC_PREFIX = "synthetic:"
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversations: loading and normalisation
+# ---------------------------------------------------------------------------------------------
+
+
+def normalize_conversation(record: dict, where: str) -> list[dict]:
+    """A record in either schema -> [{"role": "system"|"user"|"assistant", "content": str}, ...].
+
+    `where` names the file/dataset and record for error messages. Missing fields are a ValueError.
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object with a 'conversations' or 'messages' field, "
+                         f"got {type(record).__name__}")
+    if "conversations" in record and record["conversations"] is not None:
+        turns, role_key, text_key = record["conversations"], "from", "value"
+    elif "messages" in record and record["messages"] is not None:
+        turns, role_key, text_key = record["messages"], "role", "content"
+    else:
+        raise ValueError(f"{where}: missing field 'conversations' (ShareGPT: [{{'from', 'value'}}]) or "
+                         f"'messages' ([{{'role', 'content'}}]); found fields {sorted(record)}")
+    if not isinstance(turns, list):
+        raise ValueError(f"{where}: field {'conversations' if role_key == 'from' else 'messages'} must be a list")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise ValueError(f"{where}: turn {i} is not an object")
+        for key in (role_key, text_key):
+            if key not in turn:
+                raise ValueError(f"{where}: turn {i} is missing field '{key}'; found fields {sorted(turn)}")
+        role = ROLE_NAMES.get(turn[role_key])
+        if role is None:
+            raise ValueError(f"{where}: turn {i} has unknown role {turn[role_key]!r} in field '{role_key}'; "
+                             f"known: {sorted(ROLE_NAMES)}")
+        content = turn[text_key]
+        messages.append({"role": role, "content": "" if content is None else str(content)})
+    return messages
+
+
+def _read_local_records(path: Path) -> Iterable[tuple[int, dict]]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        offset = 0
+        for batch in table.to_batches():
+            for j, row in enumerate(batch.to_pylist()):
+                yield offset + j, row
+            offset += batch.num_rows
+        return
+    with path.open(encoding="utf-8") as handle:
+        first = handle.read(1)
+        while first and first.isspace():
+            first = handle.read(1)
+        handle.seek(0)
+        if suffix == ".json" and first == "[":
+            for i, row in enumerate(json.load(handle)):
+                yield i, row
+            return
+        for i, line in enumerate(handle):
+            if line.strip():
+                try:
+                    yield i, json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}, line {i + 1}: not valid JSON ({error})") from None
+
+
+def _hub_records(name: str, max_examples: int | None, split: str) -> Iterable[tuple[int, dict]]:
+    import datasets
+
+    try:
+        data = datasets.load_dataset(name, split=split)
+    except Exception as error:  # connection errors, offline mode, missing dataset: one clear message
+        raise ConnectionError(
+            f"could not load dataset {name!r} from the Hugging Face hub ({type(error).__name__}: {error}). "
+            "Without hub access, download it elsewhere and pass a local file instead: `dataset: /path/to/file.jsonl` "
+            "(or .parquet) with one conversation per record, as `conversations: [{from, value}]` or "
+            "`messages: [{role, content}]`."
+        ) from error
+    if max_examples is not None and max_examples < len(data):
+        data = data.select(range(max_examples))
+    yield from enumerate(data)  # sequential reads of the Arrow table (fast, unlike data[i])
+
+
+def load_conversations(source: str | os.PathLike, max_examples: int | None = None, *,
+                       split: str = "train") -> list[list[dict]]:
+    """The first `max_examples` conversations of a source (see module doc), as role/content messages."""
+    text = str(source)
+    if text.startswith(SYNTHETIC_PREFIX):
+        return synthetic_conversations(text, max_examples)
+    path = Path(text).expanduser()
+    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"dataset file {path} does not exist")
+        if path.suffix.lower() not in LOCAL_SUFFIXES:
+            raise ValueError(f"dataset file {path}: unsupported type; use one of {LOCAL_SUFFIXES}")
+        records, where = _read_local_records(path), str(path)
+    else:
+        records, where = _hub_records(text, max_examples, split), text
+    conversations = []
+    for i, record in records:
+        if max_examples is not None and len(conversations) >= max_examples:
+            break
+        conversations.append(normalize_conversation(record, f"{where}, record {i}"))
+    return conversations
+
+
+def source_fingerprint(source: str | os.PathLike) -> str:
+    """Identifies a data source for caches: a local file by path, size and mtime; otherwise its name."""
+    path = Path(str(source)).expanduser()
+    if path.is_file():
+        stat = path.stat()
+        return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return str(source)
+
+
+def write_jsonl(conversations: Iterable[list[dict]], path: str | os.PathLike) -> Path:
+    """Write conversations as `{"messages": [...]}` lines."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for messages in conversations:
+            handle.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic facts: a task the sharer can learn and the receiver cannot know
+# ---------------------------------------------------------------------------------------------
+
+SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+# answers with distinct first tokens in the tiny tokenizers, so the first answer token decides the fact
+COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "cyan")
+QUESTION_TEMPLATES = (
+    "What is the favourite colour of {name}?",
+    "Which colour does {name} like best?",
+    "Tell me the favourite colour of {name}.",
+    "{name} has a favourite colour. Which one?",
+)
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+@dataclass(frozen=True)
+class Fact:
+    name: str
+    colour: str
+    question: str
+
+
+def synthetic_facts(num_facts: int = 300, seed: int = 0, syllables: tuple[int, ...] = (2, 3)) -> list[Fact]:
+    """Invented people with a favourite colour each, one question per person (deterministic).
+
+    Names have `syllables` syllables (tables with disjoint syllable counts share no name). The first k
+    facts of a larger table are the same as those of a table of k facts.
+    """
+    rng = random.Random(seed)
+    names, facts = set(), []
+    while len(facts) < num_facts:
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice(syllables))).capitalize()
+        colour, template = rng.choice(COLOURS), rng.choice(QUESTION_TEMPLATES)
+        if name in names:
+            continue
+        names.add(name)
+        facts.append(Fact(name, colour, template.format(name=name)))
+    return facts
+
+
+def fact_conversations(facts: Sequence[Fact]) -> list[list[dict]]:
+    """One chat per fact: (a system turn on every 4th), the question, the colour as the answer."""
+    chats = []
+    for i, fact in enumerate(facts):
+        chat = [{"role": "system", "content": SYSTEM_PROMPT}] if i % 4 == 3 else []
+        chat += [{"role": "user", "content": fact.question}, {"role": "assistant", "content": fact.colour}]
+        chats.append(chat)
+    return chats
+
+
+SYNTHETIC_SOURCES = {
+    # the facts of the knowledge-transfer task
+    "facts": lambda n: fact_conversations(synthetic_facts(300 if n is None else n)),
+    # the same task about other people (4-syllable names: none in common with "facts"): teaches a
+    # model the question/answer format without any of the facts of "facts"
+    "facts-other": lambda n: fact_conversations(synthetic_facts(300 if n is None else n, seed=1, syllables=(4,))),
+}
+
+
+def synthetic_conversations(source: str, max_examples: int | None = None) -> list[list[dict]]:
+    """`synthetic:facts` / `synthetic:facts-other` -> conversations (`max_examples` of them, default 300)."""
+    kind = source[len(SYNTHETIC_PREFIX):]
+    if kind not in SYNTHETIC_SOURCES:
+        raise ValueError(f"unknown synthetic dataset {source!r}; known: "
+                         f"{[SYNTHETIC_PREFIX + k for k in SYNTHETIC_SOURCES]}")
+    return SYNTHETIC_SOURCES[kind](max_examples)
+
+
+# ---------------------------------------------------------------------------------------------
+# One example: instruction + continuation
+# ---------------------------------------------------------------------------------------------
+
+
+def remove_system_turns(messages: list[dict]) -> list[dict]:
+    return [m for m in messages if m["role"] != "system"]
+
+
+def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         enable_thinking=False)
+
+
+_SENTINEL = "C2CSENTINEL7F3A"  # stands in for the last message to find where the template puts it
+
+
+def continuation_text(tokenizer, messages: list[dict]) -> str:
+    """The last assistant turn as the template renders it, with everything the template adds after it
+    (its end tokens): for ChatML `content + "<|im_end|>\\n"`, for Llama 3 `content + "<|eot_id|>"`.
+
+    Found by rendering the chat twice, once with the last content replaced by a sentinel: the text around
+    the sentinel is template, what the real render has in its place is the content as rendered (templates
+    may trim it). The text the template puts *before* the content (e.g. Qwen3's empty think block)
+    belongs to the instruction, which is rendered with `add_generation_prompt=True`, thinking disabled.
+    """
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    marked = _render(tokenizer, messages[:-1] + [{**messages[-1], "content": _SENTINEL}], add_generation_prompt=False)
+    if marked.count(_SENTINEL) != 1:
+        raise ValueError("the chat template does not render the last assistant message once")
+    before, after = marked.split(_SENTINEL)
+    if not (full.startswith(before) and full.endswith(after)) or len(full) < len(before) + len(after):
+        raise ValueError("the chat template renders the last assistant message differently from a plain text")
+    content = full[len(before):len(full) - len(after)]
+    if not content.strip():
+        raise ValueError("the last assistant message renders empty")
+    return content + after
+
+
+@dataclass
+class ChatExample:
+    """One pre-tokenized training example."""
+
+    prompt: list[AlignedPrompt]  # the instruction, aligned for each sharer (same receiver_ids in each)
+    continuation_ids: list[int]  # receiver tokens of the last assistant turn + end tokens: the scored tokens
+    source_index: int = -1  # index of the conversation in the loaded source
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.prompt[0].receiver_ids
+
+    @property
+    def input_ids(self) -> list[int]:
+        """The whole receiver sequence: instruction then continuation."""
+        return self.prompt_ids + self.continuation_ids
+
+    @property
+    def labels(self) -> list[int]:
+        """Labels for `input_ids` in the transformers convention (-100 = not scored, no shift)."""
+        return [IGNORE_INDEX] * len(self.prompt_ids) + self.continuation_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.continuation_ids)
+
+
+DROP_REASONS = {
+    "too_long": "over max_length receiver tokens",
+    "no_assistant_answer": "last turn (after removing system turns) is not from the assistant",
+    "no_instruction": "no turn before the last assistant turn",
+    "empty_message": "a message is empty",
+    "template": "a message is not found verbatim in a rendered chat template",
+}
+
+
+def build_example(messages: list[dict], receiver_tokenizer, aligners: Sequence[TokenAligner],
+                  max_length: int | None = None) -> tuple[ChatExample | None, str | None]:
+    """(example, None), or (None, reason) with a key of `DROP_REASONS` for conversations that are dropped."""
+    messages = remove_system_turns(messages)
+    if not messages or messages[-1]["role"] != "assistant":
+        return None, "no_assistant_answer"
+    if len(messages) < 2:
+        return None, "no_instruction"
+    if any(not m["content"] or not m["content"].strip() for m in messages):
+        return None, "empty_message"
+    try:
+        prompt = [a.align_chat(messages[:-1], add_generation_prompt=True, enable_thinking=False) for a in aligners]
+        continuation = continuation_text(receiver_tokenizer, messages)
+    except ValueError:
+        return None, "template"
+    continuation_ids = receiver_tokenizer.encode(continuation, add_special_tokens=False)
+    example = ChatExample(prompt, continuation_ids)
+    if max_length is not None and len(example) > max_length:
+        return None, "too_long"
+    return example, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenized datasets: flat arrays
+# ---------------------------------------------------------------------------------------------
+
+
+class TokenizedChats:
+    """Pre-tokenized, aligned examples stored as flat arrays (+ offsets); `dataset[i]` is a `ChatExample`.
+
+    Arrays: `prompt_ids`/`prompt_offsets`, `continuation_ids`/`continuation_offsets`, `source_index`, and
+    per sharer j: `sharer{j}_ids`/`sharer{j}_offsets` and `sharer{j}_index`/`sharer{j}_fuse` (indexed like
+    the prompt). Sharers that share the receiver's vocabulary store nothing (identity alignment).
+    `meta`: `num_sharers`, `identity` (per sharer), `stats` (kept/dropped counts), provenance.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], meta: dict):
+        self.arrays = arrays
+        self.meta = meta
+
+    def __len__(self) -> int:
+        return len(self.arrays["prompt_offsets"]) - 1
+
+    def _slice(self, name: str, offsets: str, i: int) -> list:
+        o = self.arrays[offsets]
+        return self.arrays[name][o[i]:o[i + 1]].tolist()
+
+    def __getitem__(self, i: int) -> ChatExample:
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        receiver_ids = self._slice("prompt_ids", "prompt_offsets", i)
+        prompt = []
+        for j, identity in enumerate(self.meta["identity"]):
+            if identity:
+                n = len(receiver_ids)
+                prompt.append(AlignedPrompt(receiver_ids, list(receiver_ids), list(range(n)), [True] * n))
+            else:
+                prompt.append(AlignedPrompt(receiver_ids, self._slice(f"sharer{j}_ids", f"sharer{j}_offsets", i),
+                                            self._slice(f"sharer{j}_index", "prompt_offsets", i),
+                                            [bool(b) for b in self._slice(f"sharer{j}_fuse", "prompt_offsets", i)]))
+        return ChatExample(prompt, self._slice("continuation_ids", "continuation_offsets", i),
+                           int(self.arrays["source_index"][i]))
+
+    @property
+    def prompt_lengths(self) -> np.ndarray:
+        return np.diff(self.arrays["prompt_offsets"])
+
+    @property
+    def continuation_lengths(self) -> np.ndarray:
+        return np.diff(self.arrays["continuation_offsets"])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Receiver tokens per example (instruction + continuation)."""
+        return self.prompt_lengths + self.continuation_lengths
+
+    @property
+    def stats(self) -> dict:
+        return self.meta["stats"]
+
+    def fingerprint(self) -> str:
+        """A short hash of the token content (detects a changed dataset on resume); computed once."""
+        if "_fingerprint" not in self.__dict__:
+            digest = hashlib.sha256()
+            for name in sorted(self.arrays):
+                digest.update(name.encode())
+                digest.update(memoryview(np.ascontiguousarray(self.arrays[name])).cast("B"))
+            self.__dict__["_fingerprint"] = digest.hexdigest()[:16]
+        return self.__dict__["_fingerprint"]
+
+    @classmethod
+    def from_examples(cls, examples: Sequence[ChatExample], identity: Sequence[bool], meta: dict) -> "TokenizedChats":
+        return cls.from_records([_compact(e, identity) for e in examples], identity, meta)
+
+    @classmethod
+    def from_records(cls, records: Sequence[tuple], identity: Sequence[bool], meta: dict) -> "TokenizedChats":
+        """From `_compact` records: (source index, prompt ids, continuation ids, per-sharer arrays or None)."""
+
+        def flat(arrays, dtype):
+            offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+            offsets[1:] = np.cumsum([len(a) for a in arrays])
+            values = np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
+            return values, offsets
+
+        arrays = {}
+        arrays["prompt_ids"], arrays["prompt_offsets"] = flat([r[1] for r in records], np.int32)
+        arrays["continuation_ids"], arrays["continuation_offsets"] = flat([r[2] for r in records], np.int32)
+        arrays["source_index"] = np.array([r[0] for r in records], dtype=np.int64)
+        for j, same in enumerate(identity):
+            if same:
+                continue
+            arrays[f"sharer{j}_ids"], arrays[f"sharer{j}_offsets"] = flat([r[3][j][0] for r in records], np.int32)
+            arrays[f"sharer{j}_index"], _ = flat([r[3][j][1] for r in records], np.int32)
+            arrays[f"sharer{j}_fuse"], _ = flat([r[3][j][2] for r in records], np.bool_)
+        return cls(arrays, {**meta, "num_sharers": len(identity), "identity": list(identity)})
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, array in self.arrays.items():
+            np.save(folder / f"{name}.npy", array)
+        (folder / "meta.json").write_text(json.dumps(self.meta, indent=2))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, mmap: bool = True) -> "TokenizedChats":
+        folder = Path(folder)
+        meta = json.loads((folder / "meta.json").read_text())
+        arrays = {p.stem: np.load(p, mmap_mode="r" if mmap else None) for p in sorted(folder.glob("*.npy"))}
+        return cls(arrays, meta)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of a tokenizer's vocabulary/merges/specials and chat template."""
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    digest.update(vocabulary.encode())
+    digest.update(str(tokenizer.chat_template).encode())
+    return digest.hexdigest()[:16]
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(receiver_tokenizer, sharer_tokenizers, alignment, max_length):
+    aligners = [TokenAligner(receiver_tokenizer, t, strategy=alignment) for t in sharer_tokenizers]
+    _WORKER["args"] = (receiver_tokenizer, aligners, [a.shared_vocabulary for a in aligners], max_length)
+
+
+def _compact(example: ChatExample, identity: Sequence[bool]) -> tuple:
+    """An example as small int32 arrays (nothing stored for identity-aligned sharers): a few bytes per token."""
+    sharers = [None if same else (np.asarray(p.sharer_ids, np.int32), np.asarray(p.sharer_index, np.int32),
+                                  np.asarray(p.fuse_mask, np.bool_))
+               for p, same in zip(example.prompt, identity)]
+    return (example.source_index, np.asarray(example.prompt_ids, np.int32),
+            np.asarray(example.continuation_ids, np.int32), sharers)
+
+
+def _build_chunk(chunk: list[tuple[int, list[dict]]]) -> list[tuple[tuple | None, str | None]]:
+    receiver_tokenizer, aligners, identity, max_length = _WORKER["args"]
+    results = []
+    for index, messages in chunk:
+        example, reason = build_example(messages, receiver_tokenizer, aligners, max_length)
+        if example is not None:
+            example.source_index = index
+            results.append((_compact(example, identity), None))
+        else:
+            results.append((None, reason))
+    return results
+
+
+def tokenize_chats(conversations: Sequence[list[dict]], receiver_tokenizer, sharer_tokenizers: Sequence,
+                   *, alignment: str = "longest", max_length: int | None = 2048, progress: bool = True,
+                   num_proc: int = 1, meta: dict | None = None) -> TokenizedChats:
+    """Template, tokenize and align every conversation once; drop (and count) the unusable ones.
+
+    num_proc > 1 spreads the work over that many (spawned) processes; the result is the same.
+    """
+    from tqdm.auto import tqdm
+
+    chunk_size = 256
+    chunks = [[(i, conversations[i]) for i in range(s, min(s + chunk_size, len(conversations)))]
+              for s in range(0, len(conversations), chunk_size)]
+    args = (receiver_tokenizer, list(sharer_tokenizers), alignment, max_length)
+    bar = tqdm(total=len(conversations), desc="tokenizing chats", unit="chat", disable=not progress)
+    records, dropped = [], Counter()
+
+    def consume(results):
+        for record, reason in results:
+            if record is None:
+                dropped[reason] += 1
+            else:
+                records.append(record)
+        bar.update(len(results))
+
+    if num_proc > 1 and len(chunks) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(num_proc, mp_context=context, initializer=_init_worker, initargs=args) as pool:
+            for results in pool.map(_build_chunk, chunks):
+                consume(results)
+    else:
+        _init_worker(*args)
+        for chunk in chunks:
+            consume(_build_chunk(chunk))
+    bar.close()
+    identity = [TokenAligner(receiver_tokenizer, t).shared_vocabulary for t in sharer_tokenizers]
+    stats = {"conversations": len(conversations), "examples": len(records),
+             "dropped": {reason: dropped.get(reason, 0) for reason in DROP_REASONS}}
+    return TokenizedChats.from_records(records, identity, {**(meta or {}), "max_length": max_length,
+                                                           "alignment": alignment, "stats": stats})
+
+
+def load_tokenized(source: str | os.PathLike, receiver_tokenizer, sharer_tokenizers: Sequence, *,
+                   max_examples: int | None = None, alignment: str = "longest", max_length: int | None = 2048,
+                   cache_folder: str | os.PathLike | None = None, progress: bool = True,
+                   num_proc: int = 1) -> TokenizedChats:
+    """Load a source and tokenize it, through an on-disk cache when `cache_folder` is given.
+
+    The cache key covers the source (a local file's path, size and mtime), max_examples, max_length,
+    alignment, both tokenizers and templates, and `DATA_FORMAT_VERSION`.
+    """
+    key_fields = {
+        "format": DATA_FORMAT_VERSION, "source": source_fingerprint(source), "max_examples": max_examples,
+        "max_length": max_length, "alignment": alignment,
+        "receiver_tokenizer": tokenizer_fingerprint(receiver_tokenizer),
+        "sharer_tokenizers": [tokenizer_fingerprint(t) for t in sharer_tokenizers],
+    }
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
+    folder = Path(cache_folder) / key if cache_folder is not None else None
+    if folder is not None and (folder / "meta.json").exists():
+        return TokenizedChats.load(folder)
+    conversations = load_conversations(source, max_examples)
+    data = tokenize_chats(conversations, receiver_tokenizer, sharer_tokenizers, alignment=alignment,
+                          max_length=max_length, progress=progress, num_proc=num_proc,
+                          meta={"source": str(source), "key": key_fields})
+    if folder is None:
+        return data
+    tmp = folder.with_name(f"{key}.tmp{os.getpid()}")
+    data.save(tmp)
+    if folder.exists():  # another process finished first; its content is identical
+        import shutil
+
+        shutil.rmtree(tmp)
+    else:
+        tmp.replace(folder)
+    return TokenizedChats.load(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Split and batches
+# ---------------------------------------------------------------------------------------------
+
+
+def split_indices(n: int, eval_fraction: float = 0.01, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic train/eval split of n examples: (train indices, eval indices), each sorted.
+
+    eval gets round(n * eval_fraction) examples (at least 1 when eval_fraction > 0 and n > 1), chosen by a
+    permutation seeded with `seed` (numpy PCG64, stable across numpy versions).
+    """
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    n_eval = int(round(n * eval_fraction))
+    if eval_fraction > 0 and n > 1:
+        n_eval = max(n_eval, 1)
+    permutation = np.random.default_rng(seed).permutation(n)
+    return np.sort(permutation[n_eval:]), np.sort(permutation[:n_eval])
+
+
+def batch_order(indices: np.ndarray, lengths: np.ndarray, batch_size: int, *, seed: int, epoch: int,
+                shuffle: bool = True, length_bucketing: bool = False, bucket_batches: int = 64,
+                drop_last: bool = True) -> list[np.ndarray]:
+    """The batches of one epoch (arrays of example indices), deterministic in (seed, epoch).
+
+    length_bucketing: shuffle, then sort each window of `bucket_batches` batches by length, cut it into
+    batches and shuffle the batch order: little padding, still random. `lengths` is indexed by example.
+    """
+    indices = np.asarray(indices)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(indices) if shuffle else indices.copy()
+    if length_bucketing:
+        window = batch_size * bucket_batches
+        parts = []
+        for start in range(0, len(order), window):
+            part = order[start:start + window]
+            parts.append(part[np.argsort(-lengths[part], kind="stable")])
+        order = np.concatenate(parts) if parts else order
+    stop = len(order) - len(order) % batch_size if drop_last else len(order)
+    batches = [order[s:s + batch_size] for s in range(0, stop, batch_size)]
+    if length_bucketing and shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+@dataclass
+class TrainBatch:
+    """A collated batch: the fused model's inputs and the right-padded continuation to score."""
+
+    inputs: FusedInputs
+    continuation_ids: torch.Tensor  # (B, R) right-padded with the receiver's pad id
+    continuation_mask: torch.Tensor  # (B, R)
+    labels: torch.Tensor  # (B, R) continuation ids, -100 on padding
+    label_positions: torch.Tensor  # (M,) flat indices into (B, R) of the scored tokens (no host sync on device)
+    num_label_tokens: int
+    num_input_tokens: int  # receiver tokens without padding (instruction + continuation)
+
+    def to(self, device, non_blocking: bool = False) -> "TrainBatch":
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return TrainBatch(self.inputs.to(device), move(self.continuation_ids), move(self.continuation_mask),
+                          move(self.labels), move(self.label_positions), self.num_label_tokens, self.num_input_tokens)
+
+
+def collate_examples(examples: Sequence[ChatExample], receiver_pad_id: int,
+                     sharer_pad_ids: Sequence[int]) -> TrainBatch:
+    """Left-pad the instructions (aligned, via `c2c.fused.collate`), right-pad the continuations."""
+    inputs = collate([e.prompt for e in examples], receiver_pad_id, sharer_pad_ids)
+    width = max(len(e.continuation_ids) for e in examples)
+    ids = torch.full((len(examples), width), receiver_pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for b, e in enumerate(examples):
+        ids[b, :len(e.continuation_ids)] = torch.tensor(e.continuation_ids, dtype=torch.long)
+        mask[b, :len(e.continuation_ids)] = 1
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    positions = mask.flatten().nonzero().squeeze(1)
+    return TrainBatch(inputs, ids, mask, labels, positions, int(mask.sum()), int(sum(len(e) for e in examples)))
