@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from c2c.checkpoint import import_published
-from c2c.models import load_model
 
 SHAPES = dict(source_dim=2, target_dim=4, source_num_heads=3, target_num_heads=2, intermediate_dim=6,
               hidden_dim=8, num_layers=4)  # num_layers=4: two projection blocks

@@ -21,6 +21,7 @@ from c2c.train import (
     parse_args,
     train,
 )
+from c2c.transfer import held_out_answer_accuracy
 from conftest import make_fuser
 
 REPO = Path(__file__).resolve().parent.parent
@@ -279,28 +280,6 @@ def test_command_line_entry_point(tmp_path):
 # ---- training does something real ----------------------------------------------------------------
 
 
-def answer_accuracy(run: Path, closed: bool = False) -> float:
-    """Share of held-out questions whose first answer token is the receiver's top prediction (fused)."""
-    from c2c.data import load_tokenized, split_indices
-    from c2c.models import load_model
-
-    config = load_config(run / "config.yaml")
-    fuser = C2CFuser.from_pretrained(run / "final")
-    if closed:
-        with torch.no_grad():
-            fuser.gate_logit.fill_(-1.0)
-    receiver, receiver_tok = load_model(fuser.config.receiver)
-    sharer, sharer_tok = load_model(fuser.config.sharer)
-    model = C2CModel(receiver, receiver_tok, [sharer], [sharer_tok], [fuser])
-    data = load_tokenized(config.dataset, receiver_tok, [sharer_tok], max_examples=config.max_examples,
-                          max_length=config.max_length, progress=False)
-    _, held_out = split_indices(len(data), config.eval_fraction, config.seed)
-    batch = collate_examples([data[i] for i in held_out], receiver_tok.pad_token_id, [sharer_tok.pad_token_id])
-    with torch.no_grad():
-        logits = model(batch.inputs)  # (B, 1, V): the first answer token
-    return (logits[:, 0].argmax(-1) == batch.continuation_ids[:, 0]).float().mean().item()
-
-
 def test_fuser_transfers_knowledge_only_the_sharer_has(tmp_path):
     """configs/train_tiny.yaml: questions about invented people's favourite colours (8 colours).
 
@@ -317,9 +296,9 @@ def test_fuser_transfers_knowledge_only_the_sharer_has(tmp_path):
     receiver_alone = expert_log[0]["eval_loss"]
     assert control_log[0]["eval_loss"] == pytest.approx(receiver_alone)  # same receiver, same eval split
     with_expert, with_control = expert_log[-1]["eval_loss"], control_log[-1]["eval_loss"]
-    accuracy = {"receiver alone": answer_accuracy(tmp_path / "expert", closed=True),
-                "untrained sharer": answer_accuracy(tmp_path / "control"),
-                "expert sharer": answer_accuracy(tmp_path / "expert")}
+    accuracy = {"receiver alone": held_out_answer_accuracy(tmp_path / "expert", closed=True),
+                "untrained sharer": held_out_answer_accuracy(tmp_path / "control"),
+                "expert sharer": held_out_answer_accuracy(tmp_path / "expert")}
     print(f"held-out loss per answer token: receiver alone {receiver_alone:.3f}, fuser with untrained sharer "
           f"{with_control:.3f}, fuser with expert sharer {with_expert:.3f}; first-answer-token accuracy {accuracy}")
     assert with_expert < receiver_alone - 0.08
