@@ -1,0 +1,672 @@
+"""Evaluate methods on benchmarks: per-item results on disk, resumable, fail-loud; the main table.
+
+Run folder layout (``out``)::
+
+    main_table.csv / main_table.md  methods x benchmarks (+ average), N, parse failures, items/s
+    main_table.json                 the same numbers, machine-readable, with parse-failure examples
+    eval_config.yaml                the exact (resolved) config that produced the table, with the command
+    eval/<method key>/<benchmark>.jsonl      one JSON record per item, appended batch by batch (fsync'ed)
+    eval/<method key>/<benchmark>.meta.json  what produced them (method description, benchmark source)
+
+Resume: items already in the JSONL are skipped; a crash loses at most the batch in flight (a torn
+last line is dropped). A JSONL written by a different method description or benchmark source is
+never mixed in: the run stops and says so. Nothing is skipped silently: an unparsable reply is a
+wrong answer (counted and shown per benchmark); an exception stops the run and names the item id.
+
+Command line::
+
+    python -m c2c.evaluate --config configs/eval_tiny.yaml [--out DIR] [--limit N] [--batch-size B]
+
+From Python / a notebook: ``run_eval("configs/eval_tiny.yaml", out=...)`` or, for a method object
+you built yourself, ``evaluate(method, items, folder)``.
+
+Config keys (YAML): see ``DEFAULTS``. ``methods``: a list of names (receiver, sharer, t2t, c2c) or
+mappings ``{name, key, label, scoring, max_new_tokens, assistant_prefix, sharer_max_new_tokens,
+batch_size}``. ``benchmarks``: a list of names or mappings ``{name, source, split, limit,
+subjects}``; ``source``: omitted/null = the Hugging Face hub, ``tiny-fixtures`` = the tiny files
+(written into ``<out>/eval/fixtures``), ``offline`` / ``offline:<key>`` = the offline copies
+(``find_offline_files``), else a local file or folder. Models: ``tiny-receiver``/``tiny-sharer``,
+``offline:<name>`` (``c2c.offline.fetch_model``), a folder, a ``.gguf`` file or a hub id.
+``fuser`` (C2C): ``{checkpoint: folder}`` (ours or published) or ``{random: {seed, gate_logit,
+hidden_dim, intermediate_dim}}`` (untrained, for plumbing checks only). Relative paths are
+relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from c2c.benchmarks import BENCHMARKS, MCItem, get_benchmark, load_benchmark, mc_prompt
+from c2c.methods import (
+    C2C,
+    DEFAULT_ASSISTANT_PREFIX,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_T2T_MAX_NEW_TOKENS,
+    METHODS,
+    SCORING_MODES,
+    Method,
+    ReceiverAlone,
+    SharerAlone,
+    TextToText,
+    load_fuser,
+)
+
+log = logging.getLogger(__name__)
+
+BENCHMARK_TITLES = {"mmlu-redux": "MMLU-Redux", "arc-challenge": "ARC-C", "openbookqa": "OpenBookQA",
+                    "ceval": "C-Eval", "mmlu": "MMLU"}
+PAPER_BENCHMARKS = ("mmlu-redux", "arc-challenge", "openbookqa", "ceval")
+EVAL_CONFIG = "eval_config.yaml"  # the exact config, next to the table
+EXAMPLES_SHOWN = 3  # parse-failure examples per benchmark in the table
+
+DEFAULTS: dict[str, Any] = {
+    "name": None,  # the table's title; default: the config file's stem
+    "output": None,  # the run folder; default results/<name>; the CLI's --out wins
+    "receiver": None,  # model source (needed by receiver, t2t, c2c)
+    "sharer": None,  # model source (needed by sharer, t2t, c2c)
+    "dtype": "float32",
+    "device": "auto",  # "auto" = cuda if available, else cpu
+    "fuser": None,  # C2C: {checkpoint: folder} or {random: {...}}
+    "alignment": "longest",  # token alignment for a sharer with another tokenizer
+    "scoring": "generate",  # or "logits"
+    "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
+    "assistant_prefix": DEFAULT_ASSISTANT_PREFIX,  # logits mode only
+    "sharer_max_new_tokens": DEFAULT_T2T_MAX_NEW_TOKENS,  # T2T's background text
+    "batch_size": 8,
+    "limit": None,  # default per benchmark: at most this many items (round-robin over subjects)
+    "methods": ["receiver", "sharer", "t2t", "c2c"],
+    "benchmarks": list(PAPER_BENCHMARKS),
+}
+METHOD_KEYS = {"name", "key", "label", "scoring", "max_new_tokens", "assistant_prefix",
+               "sharer_max_new_tokens", "batch_size"}
+BENCHMARK_KEYS = {"name", "source", "split", "limit", "subjects"}
+
+
+class EvaluationError(RuntimeError):
+    """A method raised on an item; the message names the item id (the run stops, results so far are kept)."""
+
+
+# --------------------------------------------------------------------------- one method, one benchmark
+
+
+@dataclass
+class BenchmarkResult:
+    """The outcome of one method on one benchmark."""
+
+    method: str  # the method's key (its run folder)
+    label: str
+    benchmark: str
+    records: list[dict]  # one per item, in item order
+    dropped: dict[str, int] = field(default_factory=dict)  # items the benchmark's rules removed
+
+    @property
+    def n(self) -> int:
+        return len(self.records)
+
+    @property
+    def correct(self) -> int:
+        return sum(r["correct"] for r in self.records)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else float("nan")
+
+    @property
+    def parse_failures(self) -> int:
+        return sum(r["parse_failure"] for r in self.records)
+
+    @property
+    def parse_failure_examples(self) -> list[dict]:
+        return [{"id": r["id"], "text": r["text"]} for r in self.records if r["parse_failure"]][:EXAMPLES_SHOWN]
+
+    @property
+    def seconds(self) -> float:
+        return sum(r["seconds"] for r in self.records)
+
+    @property
+    def items_per_s(self) -> float:
+        return self.n / self.seconds if self.seconds > 0 else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        return {"method": self.method, "label": self.label, "benchmark": self.benchmark, "n": self.n,
+                "correct": self.correct, "accuracy": self.accuracy, "parse_failures": self.parse_failures,
+                "parse_failure_examples": self.parse_failure_examples, "seconds": self.seconds,
+                "items_per_s": self.items_per_s, "dropped_by_rules": self.dropped}
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a results file. A torn last line (a crash mid-write) is dropped from the file."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(data) - cut)
+        with path.open("r+b") as f:
+            f.truncate(cut)
+        data = data[:cut]
+    records, seen = [], set()
+    for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: corrupt results line ({e}); delete the file to redo it") from None
+        if record["id"] in seen:
+            raise ValueError(f"{path}:{lineno}: item {record['id']!r} appears twice")
+        seen.add(record["id"])
+        records.append(record)
+    return records
+
+
+def _append(path: Path, records: list[dict]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _check_meta(path: Path, meta: dict, records_path: Path) -> None:
+    """Write the provenance of a results file, or check that an existing one matches."""
+    meta = json.loads(json.dumps(meta))  # normalised (tuples -> lists)
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != meta:
+            diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+            detail = "; ".join(f"{k}: was {old.get(k)!r}, now {meta.get(k)!r}" for k in diff)
+            raise ValueError(f"{records_path} holds results of a different setup ({detail}). Use another "
+                             f"output folder, or delete {records_path} and {path} to redo them.")
+    elif records_path.exists() and records_path.stat().st_size:
+        raise ValueError(f"{records_path} exists without {path.name}: its setup is unknown; delete it to redo it")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+
+
+def _record(item: MCItem, answer, seconds: float) -> dict:
+    if answer.item_id != item.id:
+        raise RuntimeError(f"answer for {answer.item_id!r} returned in place of {item.id!r}")
+    if answer.letter is not None and answer.letter not in item.letters:
+        raise RuntimeError(f"item {item.id!r}: answer {answer.letter!r} is not one of {item.letters}")
+    return {"id": item.id, "subject": item.subject, "gold": item.answer, "pred": answer.letter,
+            "correct": answer.letter == item.answer, "parse_failure": answer.letter is None,
+            "text": answer.text, "scores": answer.scores, "extra": answer.extra, "seconds": seconds}
+
+
+def _locate_failure(method: Method, batch: list[MCItem], error: Exception, where: str) -> EvaluationError:
+    """Re-run a failed batch item by item to name the item that raises."""
+    if len(batch) > 1:
+        for item in batch:
+            try:
+                method.answer([item], batch_size=1)
+            except Exception as e:  # noqa: BLE001 - reported, never swallowed
+                return EvaluationError(f"{where}: item {item.id!r} raised {type(e).__name__}: {e}")
+        ids = [i.id for i in batch]
+        return EvaluationError(f"{where}: the batch of items {ids} raised {type(error).__name__}: {error} "
+                               "(each item alone succeeded)")
+    return EvaluationError(f"{where}: item {batch[0].id!r} raised {type(error).__name__}: {error}")
+
+
+def evaluate(method: Method, items: Sequence[MCItem], folder: str | os.PathLike, *,
+             benchmark: str | None = None, key: str | None = None, batch_size: int = 8,
+             progress: bool = True, source: dict | None = None, dropped: dict | None = None) -> BenchmarkResult:
+    """Run ``method`` on ``items``, caching one record per item in ``folder/<benchmark>.jsonl``.
+
+    Items already there are skipped (resume). Pending items run longest prompt first (less padding
+    per batch); the records come back in item order. An exception stops the run with an
+    ``EvaluationError`` naming the item id; what was done before is kept.
+    source: where the items came from (default ``{"name": benchmark}``); together with the method's
+    ``describe()`` it is saved next to the records and must match on resume (the item count may change:
+    a larger ``limit`` resumes and extends a smaller one).
+    """
+    items = list(items)
+    if not items:
+        raise ValueError("evaluate() got no items")
+    benchmark = benchmark or items[0].benchmark
+    key = key or method.name
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    records_path = folder / f"{benchmark}.jsonl"
+    ids = [i.id for i in items]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{benchmark}: duplicate item ids in the items to evaluate")
+    _check_meta(folder / f"{benchmark}.meta.json",
+                {"method": method.describe(), "benchmark": source or {"name": benchmark}}, records_path)
+
+    done = {r["id"]: r for r in read_records(records_path)}
+    by_id = {i.id: i for i in items}
+    for r in done.values():
+        if r["id"] in by_id and r["gold"] != by_id[r["id"]].answer:
+            raise ValueError(f"{records_path}: item {r['id']!r} was scored against gold {r['gold']!r}, "
+                             f"but the benchmark now says {by_id[r['id']].answer!r}; delete the file to redo it")
+    pending = [i for i in items if i.id not in done]
+    pending.sort(key=lambda i: -len(mc_prompt(i)))  # stable: ties keep item order
+    where = f"{method.label} on {benchmark}"
+
+    bar = tqdm(total=len(items), initial=len(items) - len(pending), desc=f"{key}/{benchmark}",
+               unit="item", disable=not progress, dynamic_ncols=True)
+    try:
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start:start + batch_size]
+            t0 = time.perf_counter()
+            try:
+                answers = method.answer(batch, batch_size=len(batch))
+            except Exception as error:  # noqa: BLE001 - re-raised with the item id
+                raise _locate_failure(method, batch, error, where) from error
+            per_item = (time.perf_counter() - t0) / len(batch)
+            if len(answers) != len(batch):
+                raise EvaluationError(f"{where}: {len(answers)} answers for {len(batch)} items {[i.id for i in batch]}")
+            records = [_record(item, answer, per_item) for item, answer in zip(batch, answers)]
+            _append(records_path, records)
+            done.update((r["id"], r) for r in records)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    return BenchmarkResult(key, method.label, benchmark, [done[i] for i in ids], dict(dropped or {}))
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _read_raw(config: str | os.PathLike | dict) -> dict:
+    """The config's own keys (a YAML file's, or a dict's); ``name`` defaults to the file's stem."""
+    import yaml
+
+    if isinstance(config, dict):
+        return dict(config)
+    path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a config must be a YAML mapping")
+    raw.setdefault("name", path.stem.removeprefix("eval_"))
+    return raw
+
+
+def load_config(config: str | os.PathLike | dict) -> dict:
+    """A config (YAML file or dict) with defaults filled in and every key checked."""
+    raw = _read_raw(config)
+    unknown = sorted(set(raw) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; known: {', '.join(DEFAULTS)}")
+    cfg = {**DEFAULTS, **raw}
+    cfg["name"] = cfg["name"] or "eval"
+    if cfg["scoring"] not in SCORING_MODES:
+        raise ValueError(f"scoring must be one of {SCORING_MODES}, got {cfg['scoring']!r}")
+    cfg["methods"] = [_method_entry(m, cfg) for m in _as_list(cfg["methods"], "methods")]
+    keys = [m["key"] for m in cfg["methods"]]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"two methods share a key in {keys}; give them distinct 'key's")
+    cfg["benchmarks"] = [_benchmark_entry(b, cfg) for b in _as_list(cfg["benchmarks"], "benchmarks")]
+    names = [b["name"] for b in cfg["benchmarks"]]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a benchmark is listed twice: {names}")
+    return cfg
+
+
+def _as_list(value, what: str) -> list:
+    if isinstance(value, (str, dict)):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{what} must be a non-empty list, got {value!r}")
+    return value
+
+
+def _method_entry(entry, cfg: dict) -> dict:
+    entry = {"name": entry} if isinstance(entry, str) else dict(entry)
+    unknown = sorted(set(entry) - METHOD_KEYS)
+    if unknown:
+        raise ValueError(f"method entry {entry}: unknown keys {unknown}; known: {sorted(METHOD_KEYS)}")
+    name = entry.get("name")
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    out = {"name": name}
+    for k in ("scoring", "max_new_tokens", "assistant_prefix", "batch_size"):
+        out[k] = entry.get(k, cfg[k])
+    if name == "t2t":
+        out["sharer_max_new_tokens"] = entry.get("sharer_max_new_tokens", cfg["sharer_max_new_tokens"])
+    if out["scoring"] not in SCORING_MODES:
+        raise ValueError(f"method {name}: scoring must be one of {SCORING_MODES}, got {out['scoring']!r}")
+    out["key"] = entry.get("key") or f"{name}_{out['scoring']}"
+    out["label"] = entry.get("label")
+    needs = {"receiver": ["receiver"], "sharer": ["sharer"], "t2t": ["receiver", "sharer"],
+             "c2c": ["receiver", "sharer", "fuser"]}[name]
+    missing = [k for k in needs if not cfg.get(k)]
+    if missing:
+        raise ValueError(f"method {name!r} needs config keys {missing}")
+    return out
+
+
+def _benchmark_entry(entry, cfg: dict) -> dict:
+    entry = {"name": entry} if isinstance(entry, str) else dict(entry)
+    unknown = sorted(set(entry) - BENCHMARK_KEYS)
+    if unknown:
+        raise ValueError(f"benchmark entry {entry}: unknown keys {unknown}; known: {sorted(BENCHMARK_KEYS)}")
+    get_benchmark(entry.get("name"))  # ValueError listing the known ones
+    return {"name": entry["name"], "source": entry.get("source"), "split": entry.get("split"),
+            "limit": entry.get("limit", cfg["limit"]), "subjects": entry.get("subjects")}
+
+
+def resolve_source(source: str | None, name: str, out: Path) -> str | None:
+    """A benchmark entry's ``source`` -> what ``load_benchmark`` takes (None = the hub)."""
+    if source is None:
+        return None
+    if source == "tiny-fixtures":
+        from c2c.benchmarks import write_tiny_fixtures
+
+        return str(write_tiny_fixtures(out / "eval" / "fixtures")[name])
+    if source == "offline" or source.startswith("offline:"):
+        from c2c.benchmarks import fetch_offline_benchmarks, find_offline_files
+
+        key = name if source == "offline" else source.split(":", 1)[1]
+        files = find_offline_files(fetch_offline_benchmarks())
+        if key not in files:
+            raise ValueError(f"no offline copy {key!r}; offline copies: {', '.join(files)}")
+        return str(files[key])
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"benchmark {name!r}: source {source!r} does not exist (resolved to {path.resolve()})")
+    return str(path)
+
+
+def resolve_model(source: str) -> str:
+    """``offline:<name>`` -> the converted offline model folder; anything else unchanged."""
+    if source.startswith("offline:"):
+        from c2c.offline import fetch_model
+
+        return str(fetch_model(source.split(":", 1)[1]))
+    return source
+
+
+# --------------------------------------------------------------------------- building methods
+
+
+class _Models:
+    """Receiver and sharer, loaded on first use and shared by every method."""
+
+    def __init__(self, cfg: dict):
+        import torch
+
+        self.cfg = cfg
+        self.dtype = getattr(torch, cfg["dtype"]) if isinstance(cfg["dtype"], str) else cfg["dtype"]
+        device = cfg["device"]
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self._loaded: dict[str, tuple] = {}
+
+    def get(self, role: str):
+        if role not in self._loaded:
+            from c2c.models import load_model
+
+            source = self.cfg[role]
+            print(f"loading {role}: {source}", flush=True)
+            self._loaded[role] = load_model(resolve_model(source), dtype=self.dtype, device=self.device)
+        return self._loaded[role]
+
+
+def _fuser(cfg: dict, receiver, sharer):
+    spec = cfg["fuser"]
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in ("checkpoint", "random"):
+        raise ValueError(f"fuser must be {{checkpoint: folder}} or {{random: {{...}}}}, got {spec!r}")
+    if "checkpoint" in spec:
+        folder = str(spec["checkpoint"])
+        return load_fuser(folder, receiver.config, sharer.config, dtype=receiver.dtype), f"checkpoint:{folder}"
+    from c2c.fuser import random_fuser
+
+    fuser = random_fuser(receiver.config, sharer.config, **(spec["random"] or {}))
+    name = "random(" + ", ".join(f"{k}={v}" for k, v in sorted(spec["random"].items())) + ")"
+    return fuser, name
+
+
+def build_method(entry: dict, cfg: dict, models: _Models) -> Method:
+    """A method object from a (checked) method entry of a config."""
+    options = {"scoring": entry["scoring"], "max_new_tokens": entry["max_new_tokens"],
+               "assistant_prefix": entry["assistant_prefix"], "label": entry.get("label")}
+    name = entry["name"]
+    if name == "receiver":
+        return ReceiverAlone(*models.get("receiver"), model_name=cfg["receiver"], **options)
+    if name == "sharer":
+        return SharerAlone(*models.get("sharer"), model_name=cfg["sharer"], **options)
+    if name == "t2t":
+        return TextToText(*models.get("receiver"), *models.get("sharer"),
+                          sharer_max_new_tokens=entry["sharer_max_new_tokens"], receiver_name=cfg["receiver"],
+                          sharer_name=cfg["sharer"], **options)
+    if name == "c2c":
+        (receiver, r_tok), (sharer, s_tok) = models.get("receiver"), models.get("sharer")
+        fuser, fuser_name = _fuser(cfg, receiver, sharer)
+        return C2C.from_models(receiver, r_tok, sharer, s_tok, fuser, alignment=cfg["alignment"],
+                               fuser_name=fuser_name, receiver_name=cfg["receiver"], sharer_names=[cfg["sharer"]],
+                               **options)
+    raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+
+
+# --------------------------------------------------------------------------- the main table
+
+
+@dataclass
+class EvalReport:
+    """All results of a config: ``results[(method key, benchmark)]``."""
+
+    config: dict
+    out: Path
+    methods: list[dict]  # method entries, with "label" filled in
+    benchmarks: list[str]
+    results: dict[tuple[str, str], BenchmarkResult]
+    command: str = ""
+
+    def average(self, key: str) -> float | None:
+        """Mean of the per-benchmark accuracies (the paper's Average), if every benchmark is done."""
+        values = [self.results[(key, b)].accuracy for b in self.benchmarks if (key, b) in self.results]
+        return sum(values) / len(values) if len(values) == len(self.benchmarks) else None
+
+    def rows(self) -> list[dict]:
+        """One dict per method: accuracy (%), N, parse failures and items/s per benchmark, and the average."""
+        rows = []
+        for m in self.methods:
+            row = {"method": m["key"], "label": m["label"], "scoring": m["scoring"]}
+            for b in self.benchmarks:
+                r = self.results.get((m["key"], b))
+                row[b] = round(100 * r.accuracy, 2) if r else None
+                row[f"{b}_n"] = r.n if r else None
+                row[f"{b}_parse_failures"] = r.parse_failures if r else None
+                row[f"{b}_items_per_s"] = round(r.items_per_s, 3) if r else None
+            avg = self.average(m["key"])
+            row["average"] = round(100 * avg, 2) if avg is not None else None
+            rows.append(row)
+        return rows
+
+    def markdown(self) -> str:
+        titles = [BENCHMARK_TITLES.get(b, b) for b in self.benchmarks]
+        cfg = self.config
+        lines = [f"# Main table: {cfg['name']}", "",
+                 f"Receiver: `{cfg['receiver']}`; sharer: `{cfg['sharer']}`"
+                 + (f"; fuser: `{cfg['fuser']}`" if any(m["name"] == "c2c" for m in self.methods) else "")
+                 + f". Zero-shot, one user turn, thinking disabled; dtype {cfg['dtype']}.", "",
+                 "Accuracy (%); parse failures count as wrong. Average = mean over the benchmarks.", "",
+                 "| Method | Scoring | " + " | ".join(titles) + " | Average |",
+                 "|---|---|" + "---:|" * (len(titles) + 1)]
+
+        def fmt(x):
+            return "-" if x is None else f"{x:.2f}"
+
+        rows = self.rows()
+        for m, row in zip(self.methods, rows):
+            scoring = m["scoring"] + (f", {m['max_new_tokens']} tokens" if m["scoring"] == "generate" else "")
+            if m["name"] == "t2t":
+                scoring += f"; sharer text <= {m['sharer_max_new_tokens']} tokens"
+            lines.append(f"| {m['label']} | {scoring} | " + " | ".join(fmt(row[b]) for b in self.benchmarks)
+                         + f" | {fmt(row['average'])} |")
+        lines += ["", "Items evaluated (N), parse failures, and throughput (items/s, batched, this machine):", "",
+                  "| Method | " + " | ".join(titles) + " |", "|---|" + "---|" * len(titles)]
+        for m in self.methods:
+            cells = []
+            for b in self.benchmarks:
+                r = self.results.get((m["key"], b))
+                cells.append("-" if r is None else
+                             f"N={r.n}, parse failures {r.parse_failures}, {r.items_per_s:.2f} items/s")
+            lines.append(f"| {m['label']} | " + " | ".join(cells) + " |")
+        examples = [(m, b, self.results[(m["key"], b)]) for m in self.methods for b in self.benchmarks
+                    if (m["key"], b) in self.results and self.results[(m["key"], b)].parse_failures]
+        if examples:
+            lines += ["", "Parse failure examples (first few per benchmark):", ""]
+            for m, b, r in examples:
+                shown = "; ".join(f"`{e['id']}`: {json.dumps(e['text'][:120], ensure_ascii=False)}"
+                                  for e in r.parse_failure_examples)
+                lines.append(f"- {m['label']} / {b}: {r.parse_failures} of {r.n} — {shown}")
+        dropped = {b: r.dropped for (k, b), r in self.results.items() if r.dropped}
+        if dropped:
+            lines += ["", "Items removed by the benchmarks' rules (before evaluation): "
+                      + "; ".join(f"{b}: " + ", ".join(f"{k} {v}" for k, v in d.items()) for b, d in dropped.items())]
+        sources = "; ".join(f"{b['name']}: {b['source'] or 'hub'}" + (f" (split {b['split']})" if b["split"] else "")
+                            + (f", limit {b['limit']}" if b["limit"] else "") for b in cfg["benchmarks"])
+        lines += ["", f"Benchmarks: {sources}.", "", f"Produced by: `{self.command}`; exact config: `{EVAL_CONFIG}`.", ""]
+        return "\n".join(lines)
+
+    def write(self) -> None:
+        rows = self.rows()
+        with (self.out / "main_table.csv").open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        (self.out / "main_table.md").write_text(self.markdown(), encoding="utf-8")
+        summary = {"name": self.config["name"], "command": self.command,
+                   "results": [r.summary() for r in self.results.values()], "table": rows}
+        (self.out / "main_table.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+
+
+def _provenance() -> dict:
+    import torch
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "machine": platform.machine(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        root = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        info["git_commit"] = commit + ("-dirty" if dirty else "") if commit else None
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = None
+    return info
+
+
+def _write_config(cfg: dict, out: Path, command: str) -> None:
+    import yaml
+
+    header = [f"# The exact config that produced main_table.csv / main_table.md in this folder.",
+              f"# command: {command}"]
+    header += [f"# {k}: {v}" for k, v in _provenance().items()]
+    (out / EVAL_CONFIG).write_text("\n".join(header) + "\n" + yaml.safe_dump(cfg, sort_keys=False,
+                                                                               allow_unicode=True))
+
+
+def run_eval(config: str | os.PathLike | dict, out: str | os.PathLike | None = None, *, progress: bool = True,
+             command: str | None = None, methods: Sequence[str] | None = None,
+             benchmarks: Sequence[str] | None = None, **overrides) -> EvalReport:
+    """Evaluate every method of a config on every benchmark; write the main table; return the report.
+
+    out: the run folder (default: the config's ``output``, else ``results/<name>``). overrides:
+    top-level config keys (``limit=50``, ``batch_size=4``, ...) applied before the config is checked
+    and saved. methods / benchmarks: run only these method keys or names / benchmark names.
+    Benchmarks are all loaded (and their files checked) before any model is loaded.
+    """
+    raw = _read_raw(config)
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = load_config(raw)
+    if methods:
+        wanted = set(methods)
+        unknown = wanted - {m["key"] for m in cfg["methods"]} - {m["name"] for m in cfg["methods"]}
+        if unknown:
+            raise ValueError(f"methods {sorted(unknown)} are not in the config; it has "
+                             f"{[m['key'] for m in cfg['methods']]}")
+        cfg["methods"] = [m for m in cfg["methods"] if m["key"] in wanted or m["name"] in wanted]
+    if benchmarks:
+        unknown = set(benchmarks) - {b["name"] for b in cfg["benchmarks"]}
+        if unknown:
+            raise ValueError(f"benchmarks {sorted(unknown)} are not in the config; it has "
+                             f"{[b['name'] for b in cfg['benchmarks']]}")
+        cfg["benchmarks"] = [b for b in cfg["benchmarks"] if b["name"] in set(benchmarks)]
+    out = Path(out or cfg["output"] or Path("results") / cfg["name"])
+    cfg["output"] = str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = command or "run_eval(" + repr(str(config) if not isinstance(config, dict) else "<dict>") + ")"
+
+    # 1. every benchmark, before any model (missing files and bad records fail fast)
+    loaded = {}
+    for b in cfg["benchmarks"]:
+        source = resolve_source(b["source"], b["name"], out)
+        loaded[b["name"]] = (load_benchmark(b["name"], source, split=b["split"], limit=b["limit"],
+                                            subjects=b["subjects"]), source)
+        print(f"{b['name']}: {len(loaded[b['name']][0])} items from {source or 'the hub'}", flush=True)
+    _write_config(cfg, out, command)
+
+    # 2. every method on every benchmark
+    models = _Models(cfg)
+    results: dict[tuple[str, str], BenchmarkResult] = {}
+    for entry in cfg["methods"]:
+        method = build_method(entry, cfg, models)
+        entry["label"] = method.label
+        for b in cfg["benchmarks"]:
+            items, source = loaded[b["name"]]
+            bench_info = {"name": b["name"], "source": b["source"], "split": b["split"], "subjects": b["subjects"]}
+            result = evaluate(method, items, out / "eval" / entry["key"], benchmark=b["name"], key=entry["key"],
+                              batch_size=entry["batch_size"], progress=progress, source=bench_info,
+                              dropped=getattr(items, "dropped", {}))
+            results[(entry["key"], b["name"])] = result
+            print(f"{entry['key']} / {b['name']}: accuracy {100 * result.accuracy:.2f}% "
+                  f"({result.correct}/{result.n}), parse failures {result.parse_failures}, "
+                  f"{result.items_per_s:.2f} items/s", flush=True)
+            if result.parse_failures:
+                for e in result.parse_failure_examples:
+                    print(f"    unparsed {e['id']}: {e['text'][:100]!r}", flush=True)
+    report = EvalReport(cfg, out, cfg["methods"], [b["name"] for b in cfg["benchmarks"]], results, command)
+    report.write()
+    print(f"wrote {out / 'main_table.md'} and {out / 'main_table.csv'}", flush=True)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m c2c.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config (configs/eval_*.yaml)")
+    parser.add_argument("--out", help="run folder (default: the config's output, else results/<name>)")
+    parser.add_argument("--limit", type=int, help="at most this many items per benchmark")
+    parser.add_argument("--batch-size", type=int, help="items per batch (every method)")
+    parser.add_argument("--scoring", choices=SCORING_MODES, help="scoring mode of every method without its own")
+    parser.add_argument("--methods", help="comma-separated method keys or names to run (default: all)")
+    parser.add_argument("--benchmarks", help="comma-separated benchmark names to run (default: all)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    command = "python -m c2c.evaluate " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    try:
+        run_eval(args.config, args.out, progress=not args.no_progress, command=command, limit=args.limit,
+                 batch_size=args.batch_size, scoring=args.scoring,
+                 methods=args.methods.split(",") if args.methods else None,
+                 benchmarks=args.benchmarks.split(",") if args.benchmarks else None)
+    except (EvaluationError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The evaluator: the tiny main table, resume after a crash, parse failures, fail-loud errors, the CLI."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from c2c.benchmarks import extract_answer, load_benchmark, write_tiny_fixtures
+from c2c.evaluate import EvaluationError, evaluate, load_config, main, read_records, run_eval
+from c2c.methods import Answer, Method, ReceiverAlone
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "configs" / "eval_tiny.yaml"
+BENCHMARKS = ["mmlu-redux", "arc-challenge", "openbookqa", "ceval"]
+TINY_N = {"mmlu-redux": 7, "arc-challenge": 9, "openbookqa": 8, "ceval": 8}  # after the rules' drops
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    return write_tiny_fixtures(tmp_path_factory.mktemp("fixtures"))
+
+
+@pytest.fixture(scope="module")
+def arc(fixtures):
+    return list(load_benchmark("arc-challenge", fixtures["arc-challenge"]))
+
+
+class Scripted(Method):
+    """Replies with a fixed text per item (default: the gold), optionally raising on some items."""
+
+    name = "scripted"
+
+    def __init__(self, texts=None, fail_on=(), **options):
+        self.texts, self.fail_on, self.seen = dict(texts or {}), set(fail_on), []
+        super().__init__(**options)
+
+    def _answer_batch(self, items):
+        self.seen += [i.id for i in items]
+        for item in items:
+            if item.id in self.fail_on:
+                raise RuntimeError("injected failure")
+        texts = [self.texts.get(i.id, f"The correct answer is {i.answer}.") for i in items]
+        return [Answer(i.id, extract_answer(t, len(i.options)), t) for i, t in zip(items, texts)]
+
+
+# ------------------------------------------------------------------------------------ the main table
+
+
+def test_tiny_config_gives_a_complete_main_table(tmp_path):
+    report = run_eval(TINY_CONFIG, tmp_path, progress=False)
+    rows = list(csv.DictReader((tmp_path / "main_table.csv").open()))
+    assert [r["method"] for r in rows] == ["receiver_generate", "sharer_generate", "t2t_generate",
+                                           "c2c_generate", "c2c_logits"]
+    for row in rows:
+        for b in BENCHMARKS:
+            assert int(row[f"{b}_n"]) == TINY_N[b]
+            assert 0 <= float(row[b]) <= 100
+            assert 0 <= int(row[f"{b}_parse_failures"]) <= TINY_N[b]
+            assert float(row[f"{b}_items_per_s"]) > 0
+        assert float(row["average"]) == pytest.approx(sum(float(row[b]) for b in BENCHMARKS) / 4, abs=0.01)
+    assert all(int(rows[-1][f"{b}_parse_failures"]) == 0 for b in BENCHMARKS)  # logits never fail to parse
+    # the numbers are the per-item records'
+    for (key, bench), result in report.results.items():
+        records = read_records(tmp_path / "eval" / key / f"{bench}.jsonl")
+        assert len(records) == TINY_N[bench]
+        assert result.correct == sum(r["pred"] == r["gold"] for r in records)
+        assert result.parse_failures == sum(r["pred"] is None for r in records)
+    md = (tmp_path / "main_table.md").read_text()
+    for title in ["MMLU-Redux", "ARC-C", "OpenBookQA", "C-Eval", "Average", "Receiver alone", "Sharer alone",
+                  "T2T", "C2C", "N=7", "parse failures"]:
+        assert title in md
+    # the exact config is saved, and it reproduces the same checked config
+    saved = yaml.safe_load((tmp_path / "eval_config.yaml").read_text())
+    assert load_config(saved)["methods"] == load_config({**saved, "methods": saved["methods"]})["methods"]
+    assert saved["output"] == str(tmp_path) and saved["receiver"] == "tiny-receiver"
+    assert json.loads((tmp_path / "main_table.json").read_text())["table"][0]["method"] == "receiver_generate"
+
+    # a second run resumes everything from disk: no method is run again, same table
+    again = run_eval(TINY_CONFIG, tmp_path, progress=False)
+    assert again.rows() == report.rows()
+
+
+# ------------------------------------------------------------------------------------ resume
+
+
+def test_resume_after_a_crash_gives_the_same_results(tmp_path, arc, tiny_receiver):
+    model, tokenizer = tiny_receiver
+    reference = evaluate(ReceiverAlone(model, tokenizer, scoring="logits"), arc, tmp_path / "ref",
+                         batch_size=2, progress=False)
+
+    class Crashing(ReceiverAlone):  # the real method, killed at its third batch
+        calls = 0
+
+        def _answer_batch(self, items):
+            Crashing.calls += 1
+            if Crashing.calls == 3:
+                raise KeyboardInterrupt  # like a kill: not an Exception, nothing is retried
+            return super()._answer_batch(items)
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(Crashing(model, tokenizer, scoring="logits"), arc, tmp_path / "run", batch_size=2, progress=False)
+    partial = read_records(tmp_path / "run" / "arc-challenge.jsonl")
+    assert len(partial) == 4  # two batches made it to disk
+
+    class Counting(ReceiverAlone):
+        seen = []
+
+        def _answer_batch(self, items):
+            Counting.seen += [i.id for i in items]
+            return super()._answer_batch(items)
+
+    resumed = evaluate(Counting(model, tokenizer, scoring="logits"), arc, tmp_path / "run", batch_size=2,
+                       progress=False)
+    assert sorted(Counting.seen) == sorted({i.id for i in arc} - {r["id"] for r in partial})  # only the rest
+    records = read_records(tmp_path / "run" / "arc-challenge.jsonl")
+    assert len(records) == len({r["id"] for r in records}) == len(arc)  # no duplicates
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert strip(resumed.records) == strip(reference.records)
+    assert [r["id"] for r in resumed.records] == [i.id for i in arc]  # item order, whatever the run order
+
+
+def test_a_torn_last_line_is_dropped_and_redone(tmp_path, arc):
+    first = evaluate(Scripted(), arc, tmp_path, batch_size=4, progress=False)
+    path = tmp_path / "arc-challenge.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:5]) + lines[5][:30])  # a crash in the middle of a write
+    method = Scripted()
+    second = evaluate(method, arc, tmp_path, batch_size=4, progress=False)
+    assert sorted(method.seen) == sorted(json.loads(x)["id"] for x in lines[5:])  # the torn one and after
+    assert [r["pred"] for r in second.records] == [r["pred"] for r in first.records]
+    assert len(read_records(path)) == len(arc)
+
+
+def test_a_corrupt_middle_line_stops_the_run(tmp_path, arc):
+    evaluate(Scripted(), arc, tmp_path, batch_size=4, progress=False)
+    path = tmp_path / "arc-challenge.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text(lines[0] + "{not json\n" + "".join(lines[1:]))
+    with pytest.raises(ValueError, match="arc-challenge.jsonl:2: corrupt"):
+        evaluate(Scripted(), arc, tmp_path, progress=False)
+
+
+def test_results_of_another_setup_are_never_mixed_in(tmp_path, arc):
+    evaluate(Scripted(max_new_tokens=64), arc[:3], tmp_path, progress=False)
+    with pytest.raises(ValueError, match="different setup.*max_new_tokens"):
+        evaluate(Scripted(max_new_tokens=32), arc, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="different setup.*benchmark"):
+        evaluate(Scripted(max_new_tokens=64), arc, tmp_path, source={"name": "arc-challenge", "split": "validation"},
+                 progress=False)
+
+
+# ------------------------------------------------------------------------------------ fail loud
+
+
+def test_parse_failures_count_as_wrong_and_are_reported(tmp_path, arc):
+    texts = {arc[0].id: "I am not sure.", arc[1].id: "", arc[2].id: f"Answer: {arc[2].answer}",
+             arc[3].id: "The correct answer is (A)."}
+    result = evaluate(Scripted(texts), arc, tmp_path, batch_size=3, progress=False)
+    assert result.n == len(arc) and result.parse_failures == 2
+    assert result.correct == len(arc) - 2 - (arc[3].answer != "A")
+    assert result.accuracy == result.correct / len(arc)  # the failures stay in the denominator
+    assert [e["id"] for e in result.parse_failure_examples] == [arc[0].id, arc[1].id]
+    failed = [r for r in result.records if r["parse_failure"]]
+    assert all(r["pred"] is None and r["correct"] is False for r in failed)
+
+
+def test_an_exception_names_the_item(tmp_path, arc):
+    bad = arc[5].id
+    method = Scripted(fail_on={bad})
+    with pytest.raises(EvaluationError, match=f"item '{bad}' raised RuntimeError: injected failure"):
+        evaluate(method, arc, tmp_path, batch_size=4, progress=False)
+    done = read_records(tmp_path / "arc-challenge.jsonl")
+    assert bad not in {r["id"] for r in done} and len(done) % 4 == 0  # whole batches before it are kept
+    with pytest.raises(EvaluationError, match=f"'{bad}'"):  # batch 1 too
+        evaluate(Scripted(fail_on={bad}), arc, tmp_path / "b1", batch_size=1, progress=False)
+
+
+def test_batched_evaluation_equals_batch_one(tmp_path, arc, tiny_receiver):
+    method = ReceiverAlone(*tiny_receiver, scoring="generate", max_new_tokens=6)
+    batched = evaluate(method, arc, tmp_path / "b4", batch_size=4, progress=False)
+    single = evaluate(method, arc, tmp_path / "b1", batch_size=1, progress=False)
+    assert [(r["pred"], r["text"]) for r in batched.records] == [(r["pred"], r["text"]) for r in single.records]
+
+
+# ------------------------------------------------------------------------------------ configs and the CLI
+
+
+def test_config_errors_are_clear(tmp_path):
+    base = {"receiver": "tiny-receiver", "sharer": "tiny-sharer", "methods": ["receiver"],
+            "benchmarks": [{"name": "arc-challenge", "source": "tiny-fixtures"}]}
+    with pytest.raises(ValueError, match="unknown method 'majority'; known: receiver, sharer, t2t, c2c"):
+        load_config({**base, "methods": ["majority"]})
+    with pytest.raises(ValueError, match="unknown benchmark 'gsm8k'"):
+        load_config({**base, "benchmarks": ["gsm8k"]})
+    with pytest.raises(ValueError, match="unknown config keys \\['recevier'\\]"):
+        load_config({**base, "recevier": "x"})
+    with pytest.raises(ValueError, match="'c2c' needs config keys \\['fuser'\\]"):
+        load_config({**base, "methods": ["c2c"]})
+    with pytest.raises(ValueError, match="scoring"):
+        load_config({**base, "scoring": "vote"})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_eval({**base, "benchmarks": [{"name": "arc-challenge", "source": str(tmp_path / "missing.jsonl")}]},
+                 tmp_path / "out", progress=False)
+    with pytest.raises(FileNotFoundError, match="config file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["--config", str(TINY_CONFIG), "--out", str(out), "--methods", "receiver,c2c_logits",
+               "--benchmarks", "arc-challenge", "--limit", "5", "--no-progress"])
+    assert rc == 0
+    rows = list(csv.DictReader((out / "main_table.csv").open()))
+    assert [r["method"] for r in rows] == ["receiver_generate", "c2c_logits"]
+    assert rows[0]["arc-challenge_n"] == "5" and "ceval" not in rows[0]
+    saved = (out / "eval_config.yaml").read_text()
+    assert "# command: python -m c2c.evaluate --config" in saved and "limit: 5" in saved
+    assert "--limit 5" in (out / "main_table.md").read_text()
+    assert main(["--config", str(TINY_CONFIG), "--out", str(out), "--benchmarks", "gsm8k"]) == 1
+    assert "not in the config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("eval_*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    cfg = load_config(path)
+    assert cfg["methods"] and cfg["benchmarks"]
+    if path.name == "eval_paper.yaml":
+        assert (cfg["receiver"], cfg["sharer"]) == ("Qwen/Qwen3-0.6B", "Qwen/Qwen2.5-0.5B-Instruct")
+        assert cfg["fuser"]["checkpoint"].endswith("qwen3_0.6b+qwen2.5_0.5b_Fuser/final")
+        assert [b["name"] for b in cfg["benchmarks"]] == BENCHMARKS and all(b["source"] is None for b in cfg["benchmarks"])
+        assert {m["name"] for m in cfg["methods"]} == {"receiver", "sharer", "t2t", "c2c"}
+        assert (cfg["max_new_tokens"], cfg["sharer_max_new_tokens"]) == (64, 1024)
