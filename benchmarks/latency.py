@@ -26,9 +26,8 @@ from pathlib import Path
 
 import torch
 
-from c2c.align import layer_map
 from c2c.fused import C2CModel, FusedInputs, SharerInputs, generate_from_prefix
-from c2c.fuser import C2CFuser, FuserConfig
+from c2c.fuser import random_fuser
 from c2c.models import load_model, paper_shape_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,12 +62,8 @@ def build(shapes: str, device: torch.device):
     else:  # the tiny receiver as its own sharer: a shared vocabulary, like the paper pair
         receiver, sharer = load_model("tiny-receiver", device=device)[0], load_model("tiny-receiver", device=device)[0]
         fuser_options = dict(hidden_dim=64, intermediate_dim=64)
-    config = FuserConfig.for_models(receiver.config, sharer.config, layer_map(receiver.config.num_hidden_layers,
-                                                                               sharer.config.num_hidden_layers),
-                                    **fuser_options)
-    fuser = C2CFuser(config).to(device=device, dtype=receiver.dtype).eval()
-    with torch.no_grad():
-        fuser.gate_logit.fill_(1.0)
+    fuser = random_fuser(receiver.config, sharer.config, gate_logit=1.0, **fuser_options)
+    fuser = fuser.to(device=device, dtype=receiver.dtype)
     model = C2CModel(receiver, None, [sharer], None, [fuser])  # fed token ids directly: no tokenizers needed
     return receiver, sharer, model
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from c2c.align import check_layer_map
+from c2c.align import check_layer_map, layer_map
 
 GATE_NOISES = ("gumbel", "logistic")
 # the paper's ablation: the projected sharer cache replaces the receiver's ("projection"), is added
@@ -295,3 +295,20 @@ class C2CFuser(nn.Module):
         from c2c.checkpoint import load_fuser
 
         return load_fuser(folder, receiver_config, sharer_config, **kwargs)
+
+
+def random_fuser(receiver_config, sharer_config, *, seed: int = 0, gate_logit: float | None = None,
+                 layer_map_strategy: str = "terminal", **options) -> C2CFuser:
+    """A freshly initialised (seeded) fuser for a model pair, in eval mode.
+
+    gate_logit: set every gate logit (None keeps the paper's initial 0, i.e. closed at inference).
+    options: further FuserConfig fields (hidden_dim, intermediate_dim, ...).
+    """
+    mapping = layer_map(receiver_config.num_hidden_layers, sharer_config.num_hidden_layers, layer_map_strategy)
+    config = FuserConfig.for_models(receiver_config, sharer_config, mapping, **options)
+    torch.manual_seed(seed)
+    fuser = C2CFuser(config).eval()
+    if gate_logit is not None:
+        with torch.no_grad():
+            fuser.gate_logit.fill_(gate_logit)
+    return fuser

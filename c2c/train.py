@@ -77,7 +77,7 @@ from c2c.paths import cache_dir
 FUSER_OPTIONS: dict[str, type] = {
     "hidden_dim": int, "intermediate_dim": int, "num_layers": int, "dropout": float, "gate_noise": str,
     "initial_temperature": float, "final_temperature": float, "anneal_steps": int,  # or "total"
-    "exempt_gates_from_weight_decay": bool,
+    "exempt_gates_from_weight_decay": bool, "variant": str,
 }
 # options of `receiver_finetune:` / `sharer_finetune:` (a demo/test aid: fine-tune a copy of the model first,
 # cached; dataset and max_examples default to the run's)
@@ -731,8 +731,8 @@ def train(config: "str | os.PathLike | dict | TrainConfig", *, overrides: dict |
     receiver_pad = receiver_tokenizer.pad_token_id
     sharer_pads = [sharer_tokenizer.pad_token_id]
 
-    def gate_logits() -> list[list[float]]:
-        return fuser.gate_logit.detach().float().view(-1, 2).tolist()
+    def gate_logits() -> list[list[float]]:  # [] for ablation variants without gates
+        return fuser.gate_logit.detach().float().view(-1, 2).tolist() if hasattr(fuser, "gate_logit") else []
 
     def evaluate() -> float | None:
         if len(eval_index) == 0:

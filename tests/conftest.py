@@ -2,10 +2,20 @@
 
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
-from c2c.align import layer_map
-from c2c.fuser import C2CFuser, FuserConfig
+from c2c.fuser import C2CFuser, random_fuser
 from c2c.models import load_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models are overhead-bound: one intra-op thread is faster, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -20,13 +30,5 @@ def tiny_sharer():
 
 def make_fuser(receiver_model, sharer_model, seed=0, gate_logit=None, **options) -> C2CFuser:
     """A small random fuser for a model pair, in eval mode; gate_logit sets every gate logit."""
-    defaults = dict(hidden_dim=32, intermediate_dim=24)
-    config = FuserConfig.for_models(receiver_model.config, sharer_model.config,
-                                    layer_map(receiver_model.config.num_hidden_layers, sharer_model.config.num_hidden_layers),
-                                    **{**defaults, **options})
-    torch.manual_seed(seed)
-    fuser = C2CFuser(config).eval()
-    if gate_logit is not None:
-        with torch.no_grad():
-            fuser.gate_logit.fill_(gate_logit)
-    return fuser
+    return random_fuser(receiver_model.config, sharer_model.config, seed=seed, gate_logit=gate_logit,
+                        **{"hidden_dim": 32, "intermediate_dim": 24, **options})

@@ -34,14 +34,6 @@ CHAT = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models are overhead-bound: one intra-op thread is faster, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tokenizers(tiny_receiver, tiny_sharer):

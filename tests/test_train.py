@@ -27,14 +27,6 @@ from conftest import make_fuser
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models are overhead-bound: one intra-op thread is faster, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_run(tmp_path, name="run", **overrides) -> dict:
     """A few-second run on the tiny pair (different tokenizers), checkpoints every 2 steps."""
