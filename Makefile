@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test reproduce quickstart models-small data-offline lab clean-results
+.PHONY: setup test reproduce announce quickstart models-small data-offline lab clean-results $(NOTEBOOKS)
 
 setup: $(STAMP)
 
@@ -23,17 +23,43 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # The profile: paper where a CUDA device is present, else tiny (the offline tiny pair on CPU).
-CUDA_PRESENT = $(shell $(PY) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
+GPU_PRESENT := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 ifeq ($(origin PROFILE), undefined)
-  PROFILE_REASON = chosen automatically: $(if $(filter 1,$(CUDA_PRESENT)),a CUDA device is present,no CUDA device found)
+  PROFILE := $(if $(GPU_PRESENT),paper,tiny)
+  PROFILE_REASON := chosen automatically: $(if $(GPU_PRESENT),a CUDA device is present,no CUDA device found)
 else
-  PROFILE_REASON = set on the command line
+  PROFILE_REASON := set on the command line
 endif
 
-reproduce: $(STAMP)
-	@profile=$${PROFILE:-$$($(PY) -c "import torch; print('paper' if torch.cuda.is_available() else 'tiny')")}; \
-	echo "make reproduce: PROFILE=$$profile ($(PROFILE_REASON))"; \
-	$(MAKE) --no-print-directory quickstart
+NOTEBOOKS := 01_oracle_cache_enrichment 02_layer_enrichment 03_train_fuser 04_main_table 05_latency 06_tsne \
+             07_ablations
+EXECUTED := results/$(PROFILE)/notebooks
+PROFILE_INPUTS := $(if $(filter small,$(PROFILE)),models-small data-offline)
+
+reproduce: announce $(NOTEBOOKS)
+	@echo "make reproduce: done; tables in results/$(PROFILE)/, figures in figures/$(PROFILE)/, executed notebooks in $(EXECUTED)/"
+
+announce:
+	@echo "make reproduce: PROFILE=$(PROFILE) ($(PROFILE_REASON))"
+	@test -f params/$(PROFILE).yaml || { echo "unknown PROFILE=$(PROFILE): use tiny, small or paper"; exit 2; }
+	@if [ "$(PROFILE)" = paper ]; then \
+	  [ -n "$(GPU_PRESENT)" ] || { echo "PROFILE=paper needs a CUDA GPU; use PROFILE=small (real offline models) or PROFILE=tiny"; exit 2; }; \
+	  $(PYTHON) -c "import urllib.request; urllib.request.urlopen('https://huggingface.co', timeout=10)" 2>/dev/null || \
+	    { echo "PROFILE=paper needs the Hugging Face hub, which cannot be reached; use PROFILE=small or PROFILE=tiny"; exit 2; }; \
+	fi
+
+# One target per notebook (`make 03_train_fuser`), executed by papermill with the profile's parameters;
+# a finished notebook is not redone unless it, its parameters, or a notebook it reads from changed.
+$(NOTEBOOKS): %: $(EXECUTED)/%.ipynb
+
+$(EXECUTED)/%.ipynb: notebooks/%.ipynb params/$(PROFILE).yaml | $(STAMP) $(PROFILE_INPUTS)
+	@mkdir -p $(EXECUTED)
+	$(PY) -m papermill $< $@.partial -f params/$(PROFILE).yaml --cwd notebooks --log-level ERROR
+	@mv $@.partial $@
+
+# notebooks that read what an earlier one wrote
+$(EXECUTED)/04_main_table.ipynb: $(EXECUTED)/03_train_fuser.ipynb
+$(EXECUTED)/07_ablations.ipynb: $(EXECUTED)/03_train_fuser.ipynb
 
 quickstart: $(STAMP)
 	$(PY) -m c2c.quickstart
@@ -48,4 +74,4 @@ lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
 
 clean-results:
-	rm -rf results/tiny figures/tiny
+	rm -rf results/$(PROFILE) figures/$(PROFILE)
