@@ -51,7 +51,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from c2c.benchmarks import BENCHMARKS, MCItem, get_benchmark, load_benchmark, mc_prompt
+from c2c.benchmarks import MCItem, get_benchmark, load_benchmark, mc_prompt
 from c2c.methods import (
     C2C,
     DEFAULT_ASSISTANT_PREFIX,
@@ -572,7 +572,7 @@ def _provenance() -> dict:
 def _write_config(cfg: dict, out: Path, command: str) -> None:
     import yaml
 
-    header = [f"# The exact config that produced main_table.csv / main_table.md in this folder.",
+    header = ["# The exact config that produced main_table.csv / main_table.md in this folder.",
               f"# command: {command}"]
     header += [f"# {k}: {v}" for k, v in _provenance().items()]
     (out / EVAL_CONFIG).write_text("\n".join(header) + "\n" + yaml.safe_dump(cfg, sort_keys=False,

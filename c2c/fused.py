@@ -59,9 +59,20 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 0)
 
 
-def _left_pad(rows: list[list], value) -> list[list]:
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad rows of token ids: ids (B, W) and attention mask (B, W), W the longest row."""
     width = max(len(row) for row in rows)
-    return [[value] * (width - len(row)) + list(row) for row in rows]
+    ids = torch.tensor([[pad_id] * (width - len(row)) + list(row) for row in rows], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], dtype=torch.long, device=device)
+    return ids, mask
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its eos id."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+    return pad
 
 
 def collate(aligned: Sequence[Sequence[AlignedPrompt]], receiver_pad_id: int, sharer_pad_ids: Sequence[int]) -> FusedInputs:
@@ -71,20 +82,16 @@ def collate(aligned: Sequence[Sequence[AlignedPrompt]], receiver_pad_id: int, sh
         if any(a.receiver_ids != prompt[0].receiver_ids for a in prompt):
             raise ValueError(f"prompt {b}: the aligners disagree on the receiver's tokenization")
     width = max(len(row) for row in receiver_rows)
-    input_ids = torch.tensor(_left_pad(receiver_rows, receiver_pad_id))
-    attention_mask = torch.tensor(_left_pad([[1] * len(row) for row in receiver_rows], 0))
+    input_ids, attention_mask = left_pad(receiver_rows, receiver_pad_id)  # (B, Nr)
     sharers = []
     for i, pad_id in enumerate(sharer_pad_ids):
         rows = [prompt[i] for prompt in aligned]
-        sharer_width = max(len(a.sharer_ids) for a in rows)
+        sharer_ids, sharer_mask = left_pad([a.sharer_ids for a in rows], pad_id)  # (B, Ns)
+        sharer_width = sharer_ids.shape[1]
         index = [[0] * (width - len(a.receiver_ids)) + [j + sharer_width - len(a.sharer_ids) for j in a.sharer_index]
                  for a in rows]
-        sharers.append(SharerInputs(
-            input_ids=torch.tensor(_left_pad([a.sharer_ids for a in rows], pad_id)),
-            attention_mask=torch.tensor(_left_pad([[1] * len(a.sharer_ids) for a in rows], 0)),
-            index=torch.tensor(index),
-            fuse_mask=torch.tensor(_left_pad([a.fuse_mask for a in rows], False)),
-        ))
+        fuse_mask = left_pad([[int(f) for f in a.fuse_mask] for a in rows], 0)[0].bool()  # (B, Nr)
+        sharers.append(SharerInputs(sharer_ids, sharer_mask, torch.tensor(index), fuse_mask))
     return FusedInputs(input_ids, attention_mask, sharers)
 
 
@@ -199,7 +206,7 @@ class C2CModel(nn.Module):
                                              enable_thinking=enable_thinking) for a in self.aligners])
             else:
                 aligned.append([a.align_text(prompt) for a in self.aligners])
-        return collate(aligned, self.receiver_tokenizer.pad_token_id, [t.pad_token_id for t in self.sharer_tokenizers])
+        return collate(aligned, pad_token_id(self.receiver_tokenizer), [pad_token_id(t) for t in self.sharer_tokenizers])
 
     def check_lengths(self, inputs: FusedInputs, max_new_tokens: int = 0) -> None:
         """A prompt must have >= 2 tokens and fit the receiver's and every sharer's context."""

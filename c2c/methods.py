@@ -55,7 +55,8 @@ from c2c.benchmarks import (
     t2t_receiver_messages,
     t2t_sharer_prompt,
 )
-from c2c.fused import C2CModel, collate, generate_from_prefix, position_ids, prefix_cache
+from c2c.fused import (C2CModel, FusedInputs, collate, generate_from_prefix, left_pad, pad_token_id, position_ids,
+                       prefix_cache)
 
 SCORING_MODES = ("generate", "logits")
 DEFAULT_ASSISTANT_PREFIX = "The correct answer is"
@@ -150,20 +151,6 @@ def letter_scoring(tokenizer, assistant_prefix: str = DEFAULT_ASSISTANT_PREFIX) 
                      "use scoring='generate'")
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-    return ids, mask
-
-
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token")
-    return pad
-
-
 def _greedy_kwargs(model, tokenizer, max_new_tokens: int) -> dict:
     """Greedy decoding; the model's own sampling defaults are switched off, not just overridden."""
     config = copy.deepcopy(model.generation_config)
@@ -172,7 +159,7 @@ def _greedy_kwargs(model, tokenizer, max_new_tokens: int) -> dict:
         if hasattr(config, name):
             setattr(config, name, None)
     config.max_new_tokens = max_new_tokens
-    config.pad_token_id = _pad_id(tokenizer)
+    config.pad_token_id = pad_token_id(tokenizer)
     if config.eos_token_id is None:
         config.eos_token_id = tokenizer.eos_token_id
     return {"generation_config": config}
@@ -278,13 +265,13 @@ class Method:
         if self.scoring == "logits":
             scoring = letter_scoring(tokenizer, self.assistant_prefix)
             rows = [render_ids(tokenizer, chat, scoring.prefix) for chat in chats]
-            ids, mask = _left_pad(rows, _pad_id(tokenizer))
+            ids, mask = left_pad(rows, pad_token_id(tokenizer))
             ids, mask = ids.to(model.device), mask.to(model.device)
             logits = next_token_logits(model, ids, mask)
             answers = _letter_answers(items, logits, scoring, tokenizer)
         else:
             rows = [render_ids(tokenizer, chat) for chat in chats]
-            ids, mask = _left_pad(rows, _pad_id(tokenizer))
+            ids, mask = left_pad(rows, pad_token_id(tokenizer))
             ids, mask = ids.to(model.device), mask.to(model.device)
             sequences = generate_from_prefix(model, ids, mask,
                                              **_greedy_kwargs(model, tokenizer, self.max_new_tokens))
@@ -363,7 +350,7 @@ class TextToText(Method):
         """The sharer's background texts (greedy) and their lengths in sharer tokens."""
         rows = [render_ids(self.sharer_tokenizer, [{"role": "user", "content": t2t_sharer_prompt(i)}])
                 for i in items]
-        ids, mask = _left_pad(rows, _pad_id(self.sharer_tokenizer))
+        ids, mask = left_pad(rows, pad_token_id(self.sharer_tokenizer))
         ids, mask = ids.to(self.sharer.device), mask.to(self.sharer.device)
         sequences = generate_from_prefix(
             self.sharer, ids, mask, **_greedy_kwargs(self.sharer, self.sharer_tokenizer, self.sharer_max_new_tokens))
@@ -412,7 +399,7 @@ class C2C(Method):
                 "fuser": self.fuser_name, "alignment": [a.strategy for a in self.model.aligners],
                 "multi_sharer": self.model.multi_sharer}
 
-    def prepare(self, chats: list[list[dict]], assistant_prefix: str = "") -> "FusedInputs":  # noqa: F821
+    def prepare(self, chats: list[list[dict]], assistant_prefix: str = "") -> FusedInputs:
         """Fused inputs of chats (generation prompt, thinking off), then ``assistant_prefix`` as message text."""
         m = self.model
         if not assistant_prefix:
@@ -428,7 +415,7 @@ class C2C(Method):
                                          a.sharer_index + [offset + j for j in p.sharer_index],
                                          a.fuse_mask + p.fuse_mask))
             aligned.append(row)
-        return collate(aligned, _pad_id(m.receiver_tokenizer), [_pad_id(t) for t in m.sharer_tokenizers])
+        return collate(aligned, pad_token_id(m.receiver_tokenizer), [pad_token_id(t) for t in m.sharer_tokenizers])
 
     @torch.no_grad()
     def _answer_batch(self, items):

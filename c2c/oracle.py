@@ -47,7 +47,7 @@ import torch
 from transformers import DynamicCache
 
 from c2c.benchmarks import MCItem, load_benchmark, mc_prompt
-from c2c.fused import position_ids, prefix_cache
+from c2c.fused import left_pad, pad_token_id, position_ids, prefix_cache
 from c2c.methods import DEFAULT_ASSISTANT_PREFIX, LetterScoring, chat_messages, letter_scoring, render_ids
 
 POSITION_MODES = ("shift", "keep")
@@ -175,17 +175,6 @@ def last_token_logits(model, cache: DynamicCache, input_ids: torch.Tensor, atten
     return out.logits[:, -1]
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    return ids, mask  # (B, W), (B, W)
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 @dataclass
 class EnrichedBatch:
     """Direct, few-shot and oracle for one batch: caches, logits and what the tables need."""
@@ -214,8 +203,8 @@ def enrich_batch(model, tokenizer, items: Sequence[MCItem], exemplars: Exemplars
     fewshot_rows = [render_ids(tokenizer, fewshot_messages(i, pick_exemplars(i, exemplars, shots), scoring.prefix),
                                scoring.prefix) for i in items]
     starts = [question_span(d, f) for d, f in zip(direct_rows, fewshot_rows)]
-    d_ids, d_mask = _left_pad(direct_rows, _pad_id(tokenizer), device)  # (B, Wd)
-    f_ids, f_mask = _left_pad(fewshot_rows, _pad_id(tokenizer), device)  # (B, Wf)
+    d_ids, d_mask = left_pad(direct_rows, pad_token_id(tokenizer), device)  # (B, Wd)
+    f_ids, f_mask = left_pad(fewshot_rows, pad_token_id(tokenizer), device)  # (B, Wf)
 
     # question-aligned slice: direct cache column c of row b <- few-shot column index[b, c]
     Wd, Wf = d_ids.shape[1], f_ids.shape[1]
