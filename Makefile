@@ -54,8 +54,8 @@ $(NOTEBOOKS): %: $(EXECUTED)/%.ipynb
 
 $(EXECUTED)/%.ipynb: notebooks/%.ipynb params/$(PROFILE).yaml | $(STAMP) $(PROFILE_INPUTS)
 	@mkdir -p $(EXECUTED)
-	$(PY) -m papermill $< $@.partial -f params/$(PROFILE).yaml --cwd notebooks --log-level ERROR
-	@mv $@.partial $@
+	$(PY) -m papermill $< $(@:.ipynb=.partial.ipynb) -f params/$(PROFILE).yaml --cwd notebooks --log-level ERROR
+	@mv $(@:.ipynb=.partial.ipynb) $@
 
 # notebooks that read what an earlier one wrote
 $(EXECUTED)/04_main_table.ipynb: $(EXECUTED)/03_train_fuser.ipynb
