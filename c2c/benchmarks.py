@@ -355,13 +355,18 @@ def _norm_mmlu_redux(rec: dict, where: str) -> tuple[str, tuple[str, ...], str]:
     return question, options, gold
 
 
-def _norm_arc(rec: dict, where: str) -> tuple[str, tuple[str, ...], str]:
-    question = _text(_field(rec, "question", where), "question", where)
-    options, to_letter = _labelled_choices(rec, where)
+def _keyed_gold(rec: dict, to_letter: dict[str, str], where: str) -> str:
+    """The gold letter of a record whose `answerKey` is one of its choice labels."""
     key = str(_field(rec, "answerKey", where)).strip()
     if key not in to_letter:
         raise ValueError(f"{where}: answerKey {key!r} is not one of the labels {list(to_letter)}")
-    gold = to_letter[key]
+    return to_letter[key]
+
+
+def _norm_arc(rec: dict, where: str) -> tuple[str, tuple[str, ...], str]:
+    question = _text(_field(rec, "question", where), "question", where)
+    options, to_letter = _labelled_choices(rec, where)
+    gold = _keyed_gold(rec, to_letter, where)
     if gold not in "ABCD":
         raise _Drop("answer key beyond D")
     return question, options, gold
@@ -370,10 +375,7 @@ def _norm_arc(rec: dict, where: str) -> tuple[str, tuple[str, ...], str]:
 def _norm_obqa(rec: dict, where: str) -> tuple[str, tuple[str, ...], str]:
     question = _text(_field(rec, "question_stem", where), "question_stem", where)
     options, to_letter = _labelled_choices(rec, where)
-    key = str(_field(rec, "answerKey", where)).strip()
-    if key not in to_letter:
-        raise ValueError(f"{where}: answerKey {key!r} is not one of the labels {list(to_letter)}")
-    return question, options, to_letter[key]
+    return question, options, _keyed_gold(rec, to_letter, where)
 
 
 def _norm_ceval(rec: dict, where: str) -> tuple[str, tuple[str, ...], str]:

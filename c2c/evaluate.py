@@ -329,11 +329,17 @@ def _as_list(value, what: str) -> list:
     return value
 
 
-def _method_entry(entry, cfg: dict) -> dict:
+def _entry(entry, known: set[str], kind: str) -> dict:
+    """A config list entry as a dict ("name" alone may be a string); unknown keys are refused."""
     entry = {"name": entry} if isinstance(entry, str) else dict(entry)
-    unknown = sorted(set(entry) - METHOD_KEYS)
+    unknown = sorted(set(entry) - known)
     if unknown:
-        raise ValueError(f"method entry {entry}: unknown keys {unknown}; known: {sorted(METHOD_KEYS)}")
+        raise ValueError(f"{kind} entry {entry}: unknown keys {unknown}; known: {sorted(known)}")
+    return entry
+
+
+def _method_entry(entry, cfg: dict) -> dict:
+    entry = _entry(entry, METHOD_KEYS, "method")
     name = entry.get("name")
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
@@ -355,10 +361,7 @@ def _method_entry(entry, cfg: dict) -> dict:
 
 
 def _benchmark_entry(entry, cfg: dict) -> dict:
-    entry = {"name": entry} if isinstance(entry, str) else dict(entry)
-    unknown = sorted(set(entry) - BENCHMARK_KEYS)
-    if unknown:
-        raise ValueError(f"benchmark entry {entry}: unknown keys {unknown}; known: {sorted(BENCHMARK_KEYS)}")
+    entry = _entry(entry, BENCHMARK_KEYS, "benchmark")
     get_benchmark(entry.get("name"))  # ValueError listing the known ones
     return {"name": entry["name"], "source": entry.get("source"), "split": entry.get("split"),
             "limit": entry.get("limit", cfg["limit"]), "subjects": entry.get("subjects")}
