@@ -264,7 +264,15 @@ class C2CModel(nn.Module):
         on), continuation_mask: (B, R). Returns logits (B, 1 + R, V): position 0 predicts the first
         continuation token. Gradients flow into the fusers (not the frozen models).
         """
-        cache = self.prefill(inputs)
+        ids, mask, positions = self.continuation_inputs(inputs, continuation_ids, continuation_mask)
+        return self.receiver(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             past_key_values=self.prefill(inputs), use_cache=True).logits
+
+    @staticmethod
+    def continuation_inputs(inputs: FusedInputs, continuation_ids: torch.Tensor | None = None,
+                            continuation_mask: torch.Tensor | None = None):
+        """What the receiver reads after the fused prefix: ids (B, 1 + R) = the last prompt token + the
+        continuation, the attention mask over prompt + continuation, and their positions (B, 1 + R)."""
         ids = inputs.input_ids[:, -1:]  # (B, 1) the last prompt token, never fused
         mask = inputs.attention_mask
         if continuation_ids is not None:
@@ -272,9 +280,7 @@ class C2CModel(nn.Module):
                 continuation_mask = torch.ones_like(continuation_ids)
             ids = torch.cat([ids, continuation_ids], dim=1)  # (B, 1 + R)
             mask = torch.cat([mask, continuation_mask.to(mask.dtype)], dim=1)
-        positions = position_ids(mask)[:, -ids.shape[1]:]
-        return self.receiver(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                             use_cache=True).logits
+        return ids, mask, position_ids(mask)[:, -ids.shape[1]:]
 
     @torch.no_grad()
     def generate(self, inputs: FusedInputs, *, static_cache: bool | None = None, **generate_kwargs):

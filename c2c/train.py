@@ -65,7 +65,7 @@ from c2c.data import (
     remove_system_turns,
     split_indices,
 )
-from c2c.fused import C2CModel, FusedInputs, SharerInputs, position_ids
+from c2c.fused import C2CModel, FusedInputs, SharerInputs
 from c2c.fuser import C2CFuser, FuserConfig
 from c2c.paths import cache_dir
 
@@ -318,14 +318,11 @@ def continuation_loss(model: C2CModel, batch: TrainBatch) -> torch.Tensor:
     after the last token). The receiver's decoder runs with autograd on (through the fused cache into
     the fusers); its own weights are frozen, so they get no gradients.
     """
-    inputs = batch.inputs
-    cache = model.prefill(inputs)
-    width = batch.continuation_ids.shape[1]
-    ids = torch.cat([inputs.input_ids[:, -1:], batch.continuation_ids[:, :-1]], dim=1)  # (B, R)
-    mask = torch.cat([inputs.attention_mask, batch.continuation_mask[:, :-1].to(inputs.attention_mask.dtype)], dim=1)
-    positions = position_ids(mask)[:, -width:]
+    ids, mask, positions = model.continuation_inputs(batch.inputs, batch.continuation_ids[:, :-1],
+                                                     batch.continuation_mask[:, :-1])  # (B, R)
     hidden = model.receiver.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                          past_key_values=cache, use_cache=True).last_hidden_state  # (B, R, H)
+                                          past_key_values=model.prefill(batch.inputs),
+                                          use_cache=True).last_hidden_state  # (B, R, H)
     picked = hidden.flatten(0, 1).index_select(0, batch.label_positions)  # (M, H)
     logits = model.receiver.get_output_embeddings()(picked).float()  # (M, V)
     softcap = getattr(model.receiver.config, "final_logit_softcapping", None)
