@@ -32,7 +32,7 @@ else
 endif
 
 NOTEBOOKS := 01_oracle_cache_enrichment 02_layer_enrichment 03_train_fuser 04_main_table 05_latency 06_tsne \
-             07_ablations
+             07_ablations 08_knowledge_transfer
 EXECUTED := results/$(PROFILE)/notebooks
 PROFILE_INPUTS := $(if $(filter small,$(PROFILE)),models-small data-offline)
 
@@ -59,7 +59,6 @@ $(EXECUTED)/%.ipynb: notebooks/%.ipynb params/$(PROFILE).yaml | $(STAMP) $(PROFI
 
 # notebooks that read what an earlier one wrote
 $(EXECUTED)/04_main_table.ipynb: $(EXECUTED)/03_train_fuser.ipynb
-$(EXECUTED)/07_ablations.ipynb: $(EXECUTED)/03_train_fuser.ipynb
 
 quickstart: $(STAMP)
 	$(PY) -m c2c.quickstart
@@ -69,6 +68,7 @@ models-small: $(STAMP)
 
 data-offline: $(STAMP)
 	$(PY) -c "from c2c.benchmarks import fetch_offline_benchmarks; print(fetch_offline_benchmarks())"
+	$(PY) -c "from c2c.data import natural_instructions_file; print(natural_instructions_file())"
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

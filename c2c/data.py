@@ -13,7 +13,10 @@ Sources (`load_conversations`):
   `conversations: [{"from": "system"|"human"|"gpt", "value": ...}]` (ShareGPT/OpenHermes) or
   `messages: [{"role", "content"}]`;
 - `synthetic:facts`: invented facts made here (`synthetic_facts`), a task a sharer fine-tuned on
-  them can solve and a receiver cannot.
+  them can solve and a receiver cannot;
+- `offline:natural-instructions`: the 193k instruction/answer pairs of BIG-bench's
+  `natural_instructions` task (61 crowd-sourcing tasks), fetched from PyPI (the `bigbench` sdist),
+  the offline stand-in for OpenHermes (`natural_instructions_file`).
 
 Examples are tokenized and aligned once (`tokenize_chats`) into flat arrays (`TokenizedChats`)
 that can be saved as .npy files, memory-mapped and shared by every process of a multi-GPU run.
@@ -41,6 +44,7 @@ IGNORE_INDEX = -100
 ROLE_NAMES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 SYNTHETIC_PREFIX = "synthetic:"
+OFFLINE_PREFIX = "offline:"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +137,8 @@ def load_conversations(source: str | os.PathLike, max_examples: int | None = Non
     text = str(source)
     if text.startswith(SYNTHETIC_PREFIX):
         return synthetic_conversations(text, max_examples)
+    if text.startswith(OFFLINE_PREFIX):
+        text = str(offline_training_file(text))
     path = Path(text).expanduser()
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
         if not path.is_file():
@@ -167,6 +173,77 @@ def write_jsonl(conversations: Iterable[list[dict]], path: str | os.PathLike) ->
         for messages in conversations:
             handle.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline training text: BIG-bench's natural_instructions, from the bigbench sdist on PyPI
+# ---------------------------------------------------------------------------------------------
+
+# (package, release file, its SHA-256 as PyPI lists it)
+BIGBENCH_SDIST = ("bigbench", "bigbench-1.0.0.tar.gz",
+                  "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2")
+NATURAL_INSTRUCTIONS_FOLDER = "bigbench/benchmark_tasks/natural_instructions/"
+
+
+def read_natural_instructions(archive: str | os.PathLike) -> dict[str, tuple[str, list[dict]]]:
+    """{subtask name: (its instruction, its examples [{input, target: [answers]}])} from a bigbench sdist."""
+    import tarfile
+
+    tasks = {}
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            folder, _, name = member.name.partition(NATURAL_INSTRUCTIONS_FOLDER)
+            if not name.endswith("/task.json") or "/" in name.removesuffix("/task.json"):
+                continue  # only <subtask>/task.json (the top-level task.json holds no examples)
+            task = json.load(tar.extractfile(member))
+            tasks[task["name"]] = (task["task_prefix"].strip(), task["examples"])
+    if not tasks:
+        raise ValueError(f"{archive} holds no {NATURAL_INSTRUCTIONS_FOLDER}<subtask>/task.json")
+    return tasks
+
+
+def natural_instruction_conversations(tasks: dict[str, tuple[str, list[dict]]]) -> Iterable[list[dict]]:
+    """One chat per example: the subtask's instruction and the input as the user turn, the first target as
+    the answer. Subtasks are interleaved (round robin in name order), so the first N chats cover them all."""
+    queues = [(tasks[name][0], tasks[name][1]) for name in sorted(tasks)]
+    for i in range(max(len(examples) for _, examples in queues)):
+        for instruction, examples in queues:
+            if i < len(examples) and examples[i]["target"]:
+                target = examples[i]["target"]
+                answer = target[0] if isinstance(target, list) else target
+                yield [{"role": "user", "content": f"{instruction}\n\n{examples[i]['input'].strip()}"},
+                       {"role": "assistant", "content": str(answer).strip()}]
+
+
+def natural_instructions_file() -> Path:
+    """`cache_dir()/data/natural-instructions-bigbench-1.0.0.jsonl` (messages records), built once:
+    the bigbench sdist is fetched from PyPI (SHA-256 checked), its natural_instructions read and converted.
+
+    BIG-bench asks that its data never appear in *pre-training* corpora; here it trains a fuser only, on
+    tasks none of our evaluation benchmarks share.
+    """
+    from c2c.offline import download_archive
+    from c2c.paths import cache_dir
+
+    target = cache_dir() / "data" / "natural-instructions-bigbench-1.0.0.jsonl"
+    if not target.is_file():
+        archive = download_archive(*BIGBENCH_SDIST)
+        tmp = write_jsonl(natural_instruction_conversations(read_natural_instructions(archive)),
+                          target.with_name(target.name + ".tmp"))
+        tmp.replace(target)
+    return target
+
+
+OFFLINE_TRAINING_SOURCES = {"natural-instructions": natural_instructions_file}
+
+
+def offline_training_file(source: str) -> Path:
+    """`offline:<name>` -> the local JSONL file of that offline training source (built on first use)."""
+    name = source[len(OFFLINE_PREFIX):]
+    if name not in OFFLINE_TRAINING_SOURCES:
+        raise ValueError(f"unknown offline training source {source!r}; known: "
+                         f"{[OFFLINE_PREFIX + k for k in OFFLINE_TRAINING_SOURCES]}")
+    return OFFLINE_TRAINING_SOURCES[name]()
 
 
 # ---------------------------------------------------------------------------------------------

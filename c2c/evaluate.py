@@ -389,15 +389,6 @@ def resolve_source(source: str | None, name: str, out: Path) -> str | None:
     return str(path)
 
 
-def resolve_model(source: str) -> str:
-    """``offline:<name>`` -> the converted offline model folder; anything else unchanged."""
-    if source.startswith("offline:"):
-        from c2c.offline import fetch_model
-
-        return str(fetch_model(source.split(":", 1)[1]))
-    return source
-
-
 # --------------------------------------------------------------------------- building methods
 
 
@@ -419,7 +410,7 @@ class _Models:
 
             source = self.cfg[role]
             print(f"loading {role}: {source}", flush=True)
-            self._loaded[role] = load_model(resolve_model(source), dtype=self.dtype, device=self.device)
+            self._loaded[role] = load_model(source, dtype=self.dtype, device=self.device)
         return self._loaded[role]
 
 

