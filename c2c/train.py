@@ -80,7 +80,8 @@ FUSER_OPTIONS: dict[str, type] = {
     "exempt_gates_from_weight_decay": bool, "variant": str,
 }
 # options of `receiver_finetune:` / `sharer_finetune:` (a demo/test aid: fine-tune a copy of the model first,
-# cached; dataset and max_examples default to the run's)
+# cached; dataset and max_examples default to the run's). The defaults suit the tiny random-weight models;
+# pretrained ones need a far smaller learning rate (configs/train_transfer_small.yaml: 1e-4 to 3e-4)
 FINETUNE_OPTIONS: dict[str, type] = {
     "dataset": str, "max_examples": int, "steps": int, "batch_size": int, "learning_rate": float, "seed": int,
 }
@@ -435,8 +436,10 @@ def finetune_on_chats(source: str, conversations: list[list[dict]], folder: str 
     return folder
 
 
-def finetuned_model_path(source: str, dataset: str, max_examples: int | None = None, **options) -> Path:
-    """`finetune_on_chats(source, <dataset>)`, built once under cache_dir()/finetuned (keyed by all inputs)."""
+def finetuned_model_path(source: str, dataset: str, max_examples: int | None = None, *, progress: bool = False,
+                         **options) -> Path:
+    """`finetune_on_chats(source, <dataset>)`, built once under cache_dir()/finetuned (keyed by all inputs but
+    `progress`)."""
     from c2c.data import source_fingerprint
     from c2c.models import resolve_model_source
 
@@ -448,7 +451,7 @@ def finetuned_model_path(source: str, dataset: str, max_examples: int | None = N
     folder = cache_dir() / "finetuned" / f"{Path(str(source)).name}-{key}"
     if not (folder / "config.json").exists():
         tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-        finetune_on_chats(source, load_conversations(dataset, max_examples), tmp, **options)
+        finetune_on_chats(source, load_conversations(dataset, max_examples), tmp, progress=progress, **options)
         if folder.exists():
             shutil.rmtree(tmp)
         else:
@@ -571,6 +574,11 @@ def _prepare_run_folder(out: Path, config: TrainConfig) -> None:
     config_path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
+def read_log(run: str | os.PathLike) -> list[dict]:
+    """The records of a run's log.jsonl (evaluations are those with "eval_loss"; step 0 = gates closed)."""
+    return [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
 class _Log:
     """log.jsonl of the run (main process only); on resume, lines after the checkpoint's step are dropped."""
 
@@ -629,7 +637,8 @@ def train(config: "str | os.PathLike | dict | TrainConfig", *, overrides: dict |
             dataset = options.pop("dataset", config.dataset)
             max_examples = options.pop("max_examples", config.max_examples)
             with accelerator.main_process_first():
-                sources[role] = str(finetuned_model_path(sources[role], dataset, max_examples, **options))
+                sources[role] = str(finetuned_model_path(sources[role], dataset, max_examples,
+                                                         progress=config.progress and main, **options))
     receiver_source, sharer_source = sources["receiver"], sources["sharer"]
     receiver, receiver_tokenizer = load_model(receiver_source, dtype=model_dtype)
     sharer, sharer_tokenizer = load_model(sharer_source, dtype=model_dtype)

@@ -37,3 +37,22 @@ def test_readme_quickstart_runs():
     result = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip()  # printed the generated answer
+
+
+def test_every_profile_sets_every_notebook_parameter_and_make_runs_every_notebook():
+    import ast
+    import json
+
+    notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    declared = set()
+    for path in notebooks:
+        cell = next(c for c in json.loads(path.read_text())["cells"] if "parameters" in c["metadata"].get("tags", []))
+        tree = ast.parse("".join(cell["source"]))
+        declared |= {target.id for node in tree.body if isinstance(node, ast.Assign) for target in node.targets}
+    for profile in ("tiny", "small", "paper"):
+        params = yaml.safe_load((ROOT / "params" / f"{profile}.yaml").read_text())
+        assert declared - set(params) == set(), profile  # a parameter left at the tiny default would be a silent bug
+        for key in ("train_config", "eval_config", "transfer_config", "ablation_config"):
+            assert (ROOT / params[key]).is_file(), (profile, key)
+    makefile = re.search(r"^NOTEBOOKS := (.*?[^\\])$", (ROOT / "Makefile").read_text(), re.M | re.S).group(1)
+    assert sorted(makefile.replace("\\", " ").split()) == [path.stem for path in notebooks]
