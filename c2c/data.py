@@ -192,7 +192,7 @@ def read_natural_instructions(archive: str | os.PathLike) -> dict[str, tuple[str
     tasks = {}
     with tarfile.open(archive, "r:gz") as tar:
         for member in tar:
-            folder, _, name = member.name.partition(NATURAL_INSTRUCTIONS_FOLDER)
+            _, _, name = member.name.partition(NATURAL_INSTRUCTIONS_FOLDER)
             if not name.endswith("/task.json") or "/" in name.removesuffix("/task.json"):
                 continue  # only <subtask>/task.json (the top-level task.json holds no examples)
             task = json.load(tar.extractfile(member))

@@ -53,6 +53,11 @@ def held_out_answer_accuracy(run: str | Path, answerer: str = "c2c") -> float:
     _, held_out = split_indices(len(data), config.eval_fraction, config.seed)
     batch = collate_examples([data[i] for i in held_out], receiver_tok.pad_token_id, [sharer_tok.pad_token_id])
     first_answer_token = batch.continuation_ids[:, 0]  # (B,)
+    answers_by_first_token = {}
+    for answer in batch.continuation_ids.tolist():
+        if answers_by_first_token.setdefault(answer[0], answer) != answer:
+            raise ValueError(f"{run}: two different answers start with token {answer[0]}; the first answer token "
+                             "does not decide the fact")
     with torch.no_grad():
         if answerer == "sharer":
             if sharer_tok.get_vocab() != receiver_tok.get_vocab():

@@ -252,10 +252,16 @@ def test_download_archive_checks_sha_and_is_idempotent(tmp_path, local_index, mo
 
 
 def test_download_archive_refuses_a_different_checksum(tmp_path, local_index, monkeypatch):
-    url, _, _ = local_index
+    url, _, sha = local_index
     monkeypatch.setenv("PIP_INDEX_URL", url)
     with pytest.raises(ChecksumError, match="SHA-256 mismatch"):
         offline.download_archive("fake", "fake-1.0.tar.gz", "0" * 64, pypi_dir=tmp_path / "pypi")
     assert not (tmp_path / "pypi" / "fake-1.0" / "fake-1.0.tar.gz").exists()
+    # the index lists the expected checksum but serves other bytes (a corrupted mirror): caught after download
+    page = tmp_path / "index" / "fake" / "index.html"
+    page.write_text(page.read_text().replace(sha, "1" * 64))
+    with pytest.raises(ChecksumError, match="SHA-256 mismatch"):
+        offline.download_archive("fake", "fake-1.0.tar.gz", "1" * 64, pypi_dir=tmp_path / "pypi")
+    assert list((tmp_path / "pypi" / "fake-1.0").iterdir()) == []  # no partial file left behind
     with pytest.raises(FileNotFoundError, match="not listed"):
         offline.download_archive("fake", "fake-2.0.tar.gz", "0" * 64, pypi_dir=tmp_path / "pypi")
