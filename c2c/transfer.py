@@ -11,6 +11,8 @@ about the task, such as the colour prior).
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -29,23 +31,22 @@ def is_fact_task(config: TrainConfig) -> bool:
     return config.dataset.startswith("synthetic:facts")
 
 
-def held_out_answer_accuracy(run: str | Path, answerer: str = "c2c") -> float:
-    """Share of a training run's held-out questions whose first answer token is the top prediction of
-    `answerer`: "c2c" (the receiver after the fused prefix), "receiver" (alone: every gate closed) or
-    "sharer" (alone, on its own prompt; needs the receiver's vocabulary).
+def held_out_answer_accuracy(run: str | Path, answerers: Sequence[str] = ("c2c",)) -> dict[str, float]:
+    """{answerer: share of a training run's held-out questions whose first answer token is its top
+    prediction}, the models and data loaded once. Answerers: "c2c" (the receiver after the fused prefix),
+    "receiver" (alone: every gate closed) and "sharer" (alone, on its own prompt; needs the receiver's
+    vocabulary).
 
     The facts' answers have distinct first tokens (checked), so the first answer token decides the fact.
     """
-    if answerer not in ANSWERERS:
-        raise ValueError(f"unknown answerer {answerer!r}; one of {ANSWERERS}")
+    unknown = [a for a in answerers if a not in ANSWERERS]
+    if unknown:
+        raise ValueError(f"unknown answerers {unknown}; known: {ANSWERERS}")
     run = Path(run)
     config = load_config(run / "config.yaml")
     if not is_fact_task(config):
         raise ValueError(f"{run} trained on {config.dataset!r}, not the synthetic-facts task: no answers to check")
     fuser = C2CFuser.from_pretrained(run / "final")
-    if answerer == "receiver":
-        with torch.no_grad():
-            fuser.gate_logit.fill_(-1.0)
     receiver, receiver_tok = load_model(fuser.config.receiver)
     sharer, sharer_tok = load_model(fuser.config.sharer)
     data = load_tokenized(config.dataset, receiver_tok, [sharer_tok], max_examples=config.max_examples,
@@ -58,17 +59,25 @@ def held_out_answer_accuracy(run: str | Path, answerer: str = "c2c") -> float:
         if answers_by_first_token.setdefault(answer[0], answer) != answer:
             raise ValueError(f"{run}: two different answers start with token {answer[0]}; the first answer token "
                              "does not decide the fact")
+    accuracy = {}
     with torch.no_grad():
-        if answerer == "sharer":
-            if sharer_tok.get_vocab() != receiver_tok.get_vocab():
-                raise ValueError("the sharer alone is scored in the receiver's token ids: it needs the same vocabulary")
-            prompt = batch.inputs.sharers[0]
-            logits = sharer(input_ids=prompt.input_ids, attention_mask=prompt.attention_mask,
-                            position_ids=position_ids(prompt.attention_mask)).logits[:, -1]  # (B, V)
-        else:
-            model = C2CModel(receiver, receiver_tok, [sharer], [sharer_tok], [fuser])
-            logits = model(batch.inputs)[:, 0]  # (B, V): the first answer token
-    return (logits.argmax(-1) == first_answer_token).float().mean().item()
+        for answerer in answerers:
+            if answerer == "sharer":
+                if sharer_tok.get_vocab() != receiver_tok.get_vocab():
+                    raise ValueError("the sharer alone is scored in the receiver's token ids: "
+                                     "it needs the same vocabulary")
+                prompt = batch.inputs.sharers[0]
+                logits = sharer(input_ids=prompt.input_ids, attention_mask=prompt.attention_mask,
+                                position_ids=position_ids(prompt.attention_mask)).logits[:, -1]  # (B, V)
+            else:
+                used = fuser
+                if answerer == "receiver":
+                    used = copy.deepcopy(fuser)
+                    used.gate_logit.fill_(-1.0)  # every gate closed
+                model = C2CModel(receiver, receiver_tok, [sharer], [sharer_tok], [used])
+                logits = model(batch.inputs)[:, 0]  # (B, V): the first answer token
+            accuracy[answerer] = (logits.argmax(-1) == first_answer_token).float().mean().item()
+    return accuracy
 
 
 def run_knowledge_transfer(config: str | Path, out: str | Path, *, progress: bool = True) -> list[dict]:
@@ -82,13 +91,12 @@ def run_knowledge_transfer(config: str | Path, out: str | Path, *, progress: boo
     for name, overrides in runs.items():
         train(config, overrides={"output_dir": str(out / name), "progress": progress, **overrides})
         evals[name] = [entry["eval_loss"] for entry in read_log(out / name) if "eval_loss" in entry]
+    expert = held_out_answer_accuracy(out / "expert", ("receiver", "sharer", "c2c"))
+    control = held_out_answer_accuracy(out / "control", ("c2c",))
     return [
-        {"setting": "receiver alone", "held_out_loss": evals["expert"][0],
-         "answer_accuracy": held_out_answer_accuracy(out / "expert", "receiver")},
-        {"setting": "sharer alone (knows the facts)", "held_out_loss": None,
-         "answer_accuracy": held_out_answer_accuracy(out / "expert", "sharer")},
+        {"setting": "receiver alone", "held_out_loss": evals["expert"][0], "answer_accuracy": expert["receiver"]},
+        {"setting": "sharer alone (knows the facts)", "held_out_loss": None, "answer_accuracy": expert["sharer"]},
         {"setting": "C2C, sharer before fine-tuning (control)", "held_out_loss": evals["control"][-1],
-         "answer_accuracy": held_out_answer_accuracy(out / "control", "c2c")},
-        {"setting": "C2C", "held_out_loss": evals["expert"][-1],
-         "answer_accuracy": held_out_answer_accuracy(out / "expert", "c2c")},
+         "answer_accuracy": control["c2c"]},
+        {"setting": "C2C", "held_out_loss": evals["expert"][-1], "answer_accuracy": expert["c2c"]},
     ]
