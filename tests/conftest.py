@@ -8,9 +8,15 @@ from c2c.fuser import C2CFuser, random_fuser
 from c2c.models import load_model
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """The tiny models are overhead-bound: one intra-op thread is faster, and far faster on a busy machine."""
+    """One intra-op thread for the whole session, set before any fixture computes anything.
+
+    The tiny models are overhead-bound, so one thread is faster (far faster on a busy machine). It must
+    be session-wide: float32 reductions (matmul, sdpa) add in an order that depends on the thread count,
+    so a module-scoped fixture computed with the default threads and a test re-computing the same logits
+    with one thread differ in the last bits (seen as ~1e-7 in the oracle's bit-exactness tests).
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with threadpool_limits(1):
