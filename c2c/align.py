@@ -120,6 +120,13 @@ class AlignedPrompt:
     sharer_index: list[int]  # (Nr,) for each receiver position, the sharer position whose KV it fuses
     fuse_mask: list[bool]  # (Nr,) True where the receiver position is fused (message tokens)
 
+    def extended(self, suffix: "AlignedPrompt") -> "AlignedPrompt":
+        """This prompt followed by `suffix` (e.g. an assistant prefix aligned with `align_text`)."""
+        offset = len(self.sharer_ids)
+        return AlignedPrompt(self.receiver_ids + suffix.receiver_ids, self.sharer_ids + suffix.sharer_ids,
+                             self.sharer_index + [offset + j for j in suffix.sharer_index],
+                             self.fuse_mask + suffix.fuse_mask)
+
 
 class TokenAligner:
     """Maps a receiver prompt onto sharer tokens (one sharer token per receiver message token)."""

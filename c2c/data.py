@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from c2c.align import AlignedPrompt, TokenAligner
+from c2c.fingerprint import tokenizer_fingerprint
 from c2c.fused import FusedInputs, collate
 
 DATA_FORMAT_VERSION = "c2c-chats/1"  # bump when tokenization/templating below changes (invalidates caches)
@@ -386,12 +387,18 @@ DROP_REASONS = {
     "no_instruction": "no turn before the last assistant turn",
     "empty_message": "a message is empty",
     "template": "a message is not found verbatim in a rendered chat template",
+    "no_answer_prefix": "the last assistant turn does not start with the answer prefix",
 }
 
 
 def build_example(messages: list[dict], receiver_tokenizer, aligners: Sequence[TokenAligner],
-                  max_length: int | None = None) -> tuple[ChatExample | None, str | None]:
-    """(example, None), or (None, reason) with a key of `DROP_REASONS` for conversations that are dropped."""
+                  max_length: int | None = None, answer_prefix: str | None = None) -> tuple[ChatExample | None, str | None]:
+    """(example, None), or (None, reason) with a key of `DROP_REASONS` for conversations that are dropped.
+
+    answer_prefix: the last assistant turn starts with this text (e.g. "The correct answer is"), which then
+    belongs to the prompt, after the generation prompt, as message text (fused like the evaluation's
+    letter-scoring prompt, `c2c.methods`); the continuation is the rest of the turn and its end tokens.
+    """
     messages = remove_system_turns(messages)
     if not messages or messages[-1]["role"] != "assistant":
         return None, "no_assistant_answer"
@@ -404,6 +411,11 @@ def build_example(messages: list[dict], receiver_tokenizer, aligners: Sequence[T
         continuation = continuation_text(receiver_tokenizer, messages)
     except ValueError:
         return None, "template"
+    if answer_prefix:
+        if not continuation.startswith(answer_prefix) or not continuation[len(answer_prefix):].strip():
+            return None, "no_answer_prefix"
+        prompt = [p.extended(a.align_text(answer_prefix)) for p, a in zip(prompt, aligners)]
+        continuation = continuation[len(answer_prefix):]
     continuation_ids = receiver_tokenizer.encode(continuation, add_special_tokens=False)
     example = ChatExample(prompt, continuation_ids)
     if max_length is not None and len(example) > max_length:
@@ -522,22 +534,13 @@ class TokenizedChats:
         return cls(arrays, meta)
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of a tokenizer's vocabulary/merges/specials and chat template."""
-    digest = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    digest.update(vocabulary.encode())
-    digest.update(str(tokenizer.chat_template).encode())
-    return digest.hexdigest()[:16]
-
-
 _WORKER: dict = {}
 
 
-def _init_worker(receiver_tokenizer, sharer_tokenizers, alignment, max_length):
+def _init_worker(receiver_tokenizer, sharer_tokenizers, alignment, max_length, answer_prefix):
     aligners = [TokenAligner(receiver_tokenizer, t, strategy=alignment) for t in sharer_tokenizers]
-    _WORKER["args"] = (receiver_tokenizer, aligners, [a.shared_vocabulary for a in aligners], max_length)
+    _WORKER["args"] = (receiver_tokenizer, aligners, [a.shared_vocabulary for a in aligners], max_length,
+                       answer_prefix)
 
 
 def _compact(example: ChatExample, identity: Sequence[bool]) -> tuple:
@@ -550,10 +553,10 @@ def _compact(example: ChatExample, identity: Sequence[bool]) -> tuple:
 
 
 def _build_chunk(chunk: list[tuple[int, list[dict]]]) -> list[tuple[tuple | None, str | None]]:
-    receiver_tokenizer, aligners, identity, max_length = _WORKER["args"]
+    receiver_tokenizer, aligners, identity, max_length, answer_prefix = _WORKER["args"]
     results = []
     for index, messages in chunk:
-        example, reason = build_example(messages, receiver_tokenizer, aligners, max_length)
+        example, reason = build_example(messages, receiver_tokenizer, aligners, max_length, answer_prefix)
         if example is not None:
             example.source_index = index
             results.append((_compact(example, identity), None))
@@ -564,17 +567,18 @@ def _build_chunk(chunk: list[tuple[int, list[dict]]]) -> list[tuple[tuple | None
 
 def tokenize_chats(conversations: Sequence[list[dict]], receiver_tokenizer, sharer_tokenizers: Sequence,
                    *, alignment: str = "longest", max_length: int | None = 2048, progress: bool = True,
-                   num_proc: int = 1, meta: dict | None = None) -> TokenizedChats:
+                   num_proc: int = 1, meta: dict | None = None, answer_prefix: str | None = None) -> TokenizedChats:
     """Template, tokenize and align every conversation once; drop (and count) the unusable ones.
 
     num_proc > 1 spreads the work over that many (spawned) processes; the result is the same.
+    answer_prefix: see `build_example`.
     """
     from tqdm.auto import tqdm
 
     chunk_size = 256
     chunks = [[(i, conversations[i]) for i in range(s, min(s + chunk_size, len(conversations)))]
               for s in range(0, len(conversations), chunk_size)]
-    args = (receiver_tokenizer, list(sharer_tokenizers), alignment, max_length)
+    args = (receiver_tokenizer, list(sharer_tokenizers), alignment, max_length, answer_prefix)
     bar = tqdm(total=len(conversations), desc="tokenizing chats", unit="chat", disable=not progress)
     records, dropped = [], Counter()
 
@@ -603,21 +607,22 @@ def tokenize_chats(conversations: Sequence[list[dict]], receiver_tokenizer, shar
     stats = {"conversations": len(conversations), "examples": len(records),
              "dropped": {reason: dropped.get(reason, 0) for reason in DROP_REASONS}}
     return TokenizedChats.from_records(records, identity, {**(meta or {}), "max_length": max_length,
-                                                           "alignment": alignment, "stats": stats})
+                                                           "alignment": alignment, "answer_prefix": answer_prefix,
+                                                           "stats": stats})
 
 
 def load_tokenized(source: str | os.PathLike, receiver_tokenizer, sharer_tokenizers: Sequence, *,
                    max_examples: int | None = None, alignment: str = "longest", max_length: int | None = 2048,
                    cache_folder: str | os.PathLike | None = None, progress: bool = True,
-                   num_proc: int = 1) -> TokenizedChats:
+                   num_proc: int = 1, answer_prefix: str | None = None) -> TokenizedChats:
     """Load a source and tokenize it, through an on-disk cache when `cache_folder` is given.
 
     The cache key covers the source (a local file's path, size and mtime), max_examples, max_length,
-    alignment, both tokenizers and templates, and `DATA_FORMAT_VERSION`.
+    alignment, answer_prefix, both tokenizers and templates, and `DATA_FORMAT_VERSION`.
     """
     key_fields = {
         "format": DATA_FORMAT_VERSION, "source": source_fingerprint(source), "max_examples": max_examples,
-        "max_length": max_length, "alignment": alignment,
+        "max_length": max_length, "alignment": alignment, "answer_prefix": answer_prefix,
         "receiver_tokenizer": tokenizer_fingerprint(receiver_tokenizer),
         "sharer_tokenizers": [tokenizer_fingerprint(t) for t in sharer_tokenizers],
     }
@@ -628,7 +633,7 @@ def load_tokenized(source: str | os.PathLike, receiver_tokenizer, sharer_tokeniz
     conversations = load_conversations(source, max_examples)
     data = tokenize_chats(conversations, receiver_tokenizer, sharer_tokenizers, alignment=alignment,
                           max_length=max_length, progress=progress, num_proc=num_proc,
-                          meta={"source": str(source), "key": key_fields})
+                          meta={"source": str(source), "key": key_fields}, answer_prefix=answer_prefix)
     if folder is None:
         return data
     tmp = folder.with_name(f"{key}.tmp{os.getpid()}")

@@ -75,8 +75,17 @@ def pad_token_id(tokenizer) -> int:
     return pad
 
 
+def sharer_prefix_length(aligned: AlignedPrompt) -> int:
+    """How many of the sharer's tokens fusion reads: up to the one aligned with the receiver's second-to-last
+    token (the last prompt token is never fused). Causal attention makes the KV of those tokens independent
+    of the rest, so the sharer runs on this prefix only (for a shared vocabulary: the receiver's ids but the last)."""
+    fused_positions = aligned.sharer_index[:len(aligned.receiver_ids) - 1]
+    return max(fused_positions) + 1 if fused_positions else 1
+
+
 def collate(aligned: Sequence[Sequence[AlignedPrompt]], receiver_pad_id: int, sharer_pad_ids: Sequence[int]) -> FusedInputs:
-    """Left-pad aligned prompts into tensors. `aligned[b][i]` is prompt b aligned for sharer i."""
+    """Left-pad aligned prompts into tensors. `aligned[b][i]` is prompt b aligned for sharer i; each
+    sharer's ids are cut to what fusion reads (`sharer_prefix_length`)."""
     receiver_rows = [prompt[0].receiver_ids for prompt in aligned]
     for b, prompt in enumerate(aligned):
         if any(a.receiver_ids != prompt[0].receiver_ids for a in prompt):
@@ -86,27 +95,46 @@ def collate(aligned: Sequence[Sequence[AlignedPrompt]], receiver_pad_id: int, sh
     sharers = []
     for i, pad_id in enumerate(sharer_pad_ids):
         rows = [prompt[i] for prompt in aligned]
-        sharer_ids, sharer_mask = left_pad([a.sharer_ids for a in rows], pad_id)  # (B, Ns)
+        lengths = [sharer_prefix_length(a) for a in rows]
+        sharer_ids, sharer_mask = left_pad([a.sharer_ids[:n] for a, n in zip(rows, lengths)], pad_id)  # (B, Ns)
         sharer_width = sharer_ids.shape[1]
-        index = [[0] * (width - len(a.receiver_ids)) + [j + sharer_width - len(a.sharer_ids) for j in a.sharer_index]
-                 for a in rows]
+        index = [[0] * (width - len(a.receiver_ids)) + [j + sharer_width - n for j in a.sharer_index]
+                 for a, n in zip(rows, lengths)]
         fuse_mask = left_pad([[int(f) for f in a.fuse_mask] for a in rows], 0)[0].bool()  # (B, Nr)
         sharers.append(SharerInputs(sharer_ids, sharer_mask, torch.tensor(index), fuse_mask))
     return FusedInputs(input_ids, attention_mask, sharers)
 
 
-def prefix_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DynamicCache:
-    """The model's cache of every token but the last of a left-padded batch, computed without gradients.
+PREFIX_STORE_ATTRIBUTE = "c2c_prefix_store"  # set by c2c.prefixes.PrefixStore.attach(model)
 
-    `generate(input_ids, attention_mask, past_key_values=cache)` continues from it. Every method
+
+def kv_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DynamicCache:
+    """The model's cache of every token of a left-padded batch, computed by its decoder alone (no lm_head),
+    without gradients. A model with an attached `c2c.prefixes.PrefixStore` reads the rows from disk instead
+    (computing and storing the ones it lacks)."""
+    store = getattr(model, PREFIX_STORE_ATTRIBUTE, None)
+    if store is not None:
+        return store.cache(input_ids, attention_mask)
+    return decoder_cache(model, input_ids, attention_mask)
+
+
+def decoder_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DynamicCache:
+    """`kv_cache` computed by the model, never from a store."""
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids(attention_mask), cache=cache, use_cache=True)
+    return cache
+
+
+def prefix_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DynamicCache:
+    """The model's cache of every token but the last of a left-padded batch (see `kv_cache`).
+
+    `generate(input_ids, attention_mask, cache=cache)` continues from it. Every method
     (receiver alone, sharer alone, T2T, C2C) starts decoding this way, so they share one engine.
     """
     n = input_ids.shape[1] - 1
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(input_ids=input_ids[:, :n], attention_mask=attention_mask[:, :n],
-              position_ids=position_ids(attention_mask[:, :n]), past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return cache
+    return kv_cache(model, input_ids[:, :n], attention_mask[:, :n])
 
 
 def to_static_cache(cache: DynamicCache, config, max_cache_len: int) -> StaticCache:
@@ -134,7 +162,7 @@ def generate_from_prefix(model, input_ids: torch.Tensor, attention_mask: torch.T
         if not max_new_tokens:
             raise ValueError("static_cache=True needs max_new_tokens to size the cache")
         cache = to_static_cache(cache, model.config, input_ids.shape[1] + max_new_tokens)
-    return model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **generate_kwargs)
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask, cache=cache, **generate_kwargs)
 
 
 def _context_length(config) -> int:
@@ -224,11 +252,7 @@ class C2CModel(nn.Module):
     # ---- prefill + fuse ------------------------------------------------------------------------
     def _sharer_kv(self, i: int, sharer_inputs: SharerInputs, length: int) -> torch.Tensor:
         """Sharer i's keys/values for receiver positions [0, length), picked by the layer map: (2L, B, Hs, n, Ds)."""
-        with torch.no_grad():
-            cache = self.sharers[i](input_ids=sharer_inputs.input_ids, attention_mask=sharer_inputs.attention_mask,
-                                    position_ids=position_ids(sharer_inputs.attention_mask), use_cache=True,
-                                    logits_to_keep=1).past_key_values
-        kv = _stack_kv(cache)  # (2S, B, Hs, Ns, Ds)
+        kv = _stack_kv(kv_cache(self.sharers[i], sharer_inputs.input_ids, sharer_inputs.attention_mask))  # (2S, B, Hs, Ns, Ds)
         _, B, Hs, _, Ds = kv.shape
         index = sharer_inputs.index[:, :length].view(1, B, 1, length, 1).expand(kv.shape[0], B, Hs, length, Ds)
         kv = kv.gather(3, index)  # (2S, B, Hs, n, Ds): aligned to receiver positions
@@ -266,7 +290,7 @@ class C2CModel(nn.Module):
         """
         ids, mask, positions = self.continuation_inputs(inputs, continuation_ids, continuation_mask)
         return self.receiver(input_ids=ids, attention_mask=mask, position_ids=positions,
-                             past_key_values=self.prefill(inputs), use_cache=True).logits
+                             cache=self.prefill(inputs), use_cache=True).logits
 
     @staticmethod
     def continuation_inputs(inputs: FusedInputs, continuation_ids: torch.Tensor | None = None,

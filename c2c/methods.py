@@ -46,7 +46,6 @@ from typing import Any
 
 import torch
 
-from c2c.align import AlignedPrompt
 from c2c.benchmarks import (
     LETTERS,
     MCItem,
@@ -288,7 +287,7 @@ def next_token_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     """Logits (B, V) after the last prompt token, on the shared engine: prefix cache, then the last token."""
     cache = prefix_cache(model, input_ids, attention_mask)
     out = model(input_ids=input_ids[:, -1:], attention_mask=attention_mask,
-                position_ids=position_ids(attention_mask)[:, -1:], past_key_values=cache, use_cache=True)
+                position_ids=position_ids(attention_mask)[:, -1:], cache=cache, use_cache=True)
     return out.logits[:, -1]
 
 
@@ -404,17 +403,8 @@ class C2C(Method):
         m = self.model
         if not assistant_prefix:
             return m.prepare(chats, add_generation_prompt=True, enable_thinking=False)
-        aligned = []
-        for chat in chats:
-            row = []
-            for aligner in m.aligners:
-                a = aligner.align_chat(chat, add_generation_prompt=True, enable_thinking=False)
-                p = aligner.align_text(assistant_prefix)
-                offset = len(a.sharer_ids)
-                row.append(AlignedPrompt(a.receiver_ids + p.receiver_ids, a.sharer_ids + p.sharer_ids,
-                                         a.sharer_index + [offset + j for j in p.sharer_index],
-                                         a.fuse_mask + p.fuse_mask))
-            aligned.append(row)
+        aligned = [[aligner.align_chat(chat, add_generation_prompt=True, enable_thinking=False)
+                    .extended(aligner.align_text(assistant_prefix)) for aligner in m.aligners] for chat in chats]
         return collate(aligned, pad_token_id(m.receiver_tokenizer), [pad_token_id(t) for t in m.sharer_tokenizers])
 
     @torch.no_grad()
