@@ -65,9 +65,10 @@ from c2c.data import (
     remove_system_turns,
     split_indices,
 )
-from c2c.fused import C2CModel, FusedInputs, SharerInputs
+from c2c.fused import C2CModel, FusedInputs, SharerInputs, sharer_prefix_length
 from c2c.fuser import C2CFuser, FuserConfig
 from c2c.paths import cache_dir
+from c2c.prefixes import PrefixStore
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -87,6 +88,7 @@ FINETUNE_OPTIONS: dict[str, type] = {
 }
 FINETUNE_DEFAULTS = {"steps": 300, "batch_size": 32, "learning_rate": 3e-3, "seed": 0}
 PRECISIONS = ("auto", "bf16", "fp32")
+MODEL_DTYPES = ("auto", "bfloat16", "float32")
 SECTIONS = ("fuser", "receiver_finetune", "sharer_finetune")
 
 
@@ -110,6 +112,13 @@ class TrainConfig:
     length_bucketing: bool = False
     num_proc: int = 1  # processes for the one-off tokenization
     data_cache: bool = True  # keep tokenized data under cache_dir()/datasets
+    # the last assistant turn starts with this text, which is then part of the fused prompt (c2c.data.build_example):
+    # "The correct answer is" trains multiple-choice answers in the evaluation's letter-scoring form
+    answer_prefix: str | None = None
+    # keep the frozen models' prompt caches on disk (c2c.prefixes): computed once before the first step,
+    # then every step (and every later run on the same data and models) reads them
+    prefix_cache: bool = False
+    model_dtype: str = "auto"  # frozen receiver/sharer: auto (bfloat16 under bf16 precision, else float32) | bfloat16 | float32
     # fuser (FuserConfig options; anneal_steps: "total" = the run's optimizer steps;
     # exempt_gates_from_weight_decay defaults to true here: the paper's reference decays the gate logits)
     fuser: dict = dataclasses.field(default_factory=dict)
@@ -249,6 +258,8 @@ def _validate(c: TrainConfig) -> None:
     problems = []
     if c.precision not in PRECISIONS:
         problems.append(f"precision must be one of {PRECISIONS}, got {c.precision!r}")
+    if c.model_dtype not in MODEL_DTYPES:
+        problems.append(f"model_dtype must be one of {MODEL_DTYPES}, got {c.model_dtype!r}")
     if c.layer_map not in LAYER_MAP_STRATEGIES:
         problems.append(f"layer_map must be one of {LAYER_MAP_STRATEGIES}, got {c.layer_map!r}")
     for key in ("batch_size", "grad_accum", "epochs", "max_length", "log_every", "num_proc"):
@@ -306,6 +317,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, dict]:
     return config_path, overrides
 
 
+def attach_prefix_stores(receiver, sharers, data, *, progress: bool = True) -> list:
+    """Fill and attach a `c2c.prefixes.PrefixStore` for the receiver and each sharer: the caches of every
+    example's prompt (the receiver's ids but the last, each sharer's ids that fusion reads)."""
+    examples = [data[i] for i in range(len(data))]
+    stores = [PrefixStore(receiver, progress=progress)]
+    stores[0].fill([e.prompt_ids[:-1] for e in examples], desc="receiver prompt caches")
+    for j, sharer in enumerate(sharers):
+        stores.append(PrefixStore(sharer, progress=progress))
+        stores[-1].fill([e.prompt[j].sharer_ids[:sharer_prefix_length(e.prompt[j])] for e in examples],
+                        desc=f"sharer {j} prompt caches")
+    for store in stores:
+        store.attach()
+    return stores
+
+
 # ---------------------------------------------------------------------------------------------
 # Loss, optimiser, schedule
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +348,7 @@ def continuation_loss(model: C2CModel, batch: TrainBatch) -> torch.Tensor:
     ids, mask, positions = model.continuation_inputs(batch.inputs, batch.continuation_ids[:, :-1],
                                                      batch.continuation_mask[:, :-1])  # (B, R)
     hidden = model.receiver.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                          past_key_values=model.prefill(batch.inputs),
+                                          cache=model.prefill(batch.inputs),
                                           use_cache=True).last_hidden_state  # (B, R, H)
     picked = hidden.flatten(0, 1).index_select(0, batch.label_positions)  # (M, H)
     logits = model.receiver.get_output_embeddings()(picked).float()  # (M, V)
@@ -627,7 +653,10 @@ def train(config: "str | os.PathLike | dict | TrainConfig", *, overrides: dict |
     # ---- models --------------------------------------------------------------------------------
     from c2c.models import load_model
 
-    model_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if config.model_dtype == "auto":
+        model_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    else:
+        model_dtype = getattr(torch, config.model_dtype)
     sources = {}
     for role in ("receiver", "sharer"):
         sources[role] = getattr(config, role)
@@ -648,7 +677,12 @@ def train(config: "str | os.PathLike | dict | TrainConfig", *, overrides: dict |
         data = load_tokenized(config.dataset, receiver_tokenizer, [sharer_tokenizer], max_examples=config.max_examples,
                               alignment=config.alignment, max_length=config.max_length,
                               cache_folder=cache_dir() / "datasets" if config.data_cache else None,
-                              progress=config.progress and main, num_proc=config.num_proc)
+                              progress=config.progress and main, num_proc=config.num_proc,
+                              answer_prefix=config.answer_prefix)
+    stores = []
+    if config.prefix_cache:
+        with accelerator.main_process_first():
+            stores = attach_prefix_stores(receiver, [sharer], data, progress=config.progress and main)
     train_index, eval_index = split_indices(len(data), config.eval_fraction, config.seed)
     if config.eval_max_examples is not None:
         eval_index = eval_index[:config.eval_max_examples]
@@ -663,7 +697,8 @@ def train(config: "str | os.PathLike | dict | TrainConfig", *, overrides: dict |
         stats = {**data.stats, "train_examples": len(train_index), "eval_examples": len(eval_index),
                  "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup_steps,
                  "sequences_per_step": global_batch * config.grad_accum, "processes": world,
-                 "drop_reasons": DROP_REASONS, "data_fingerprint": data.fingerprint()}
+                 "drop_reasons": DROP_REASONS, "data_fingerprint": data.fingerprint(),
+                 "prefix_stores": [store.describe() for store in stores]}
         (out / "data_stats.json").write_text(json.dumps(stats, indent=2))
 
     # ---- fuser, optimiser ----------------------------------------------------------------------
