@@ -71,11 +71,11 @@ def collect_keys(receiver, receiver_tokenizer, sharer, sharer_tokenizer, chats: 
         r_cache = receiver(input_ids=inputs.input_ids.to(receiver.device),
                            attention_mask=inputs.attention_mask.to(receiver.device),
                            position_ids=position_ids(inputs.attention_mask).to(receiver.device),
-                           use_cache=True, logits_to_keep=1).past_key_values
+                           use_cache=True, logits_to_keep=1).cache
         s_cache = sharer(input_ids=s_in.input_ids.to(sharer.device),
                          attention_mask=s_in.attention_mask.to(sharer.device),
                          position_ids=position_ids(s_in.attention_mask).to(sharer.device),
-                         use_cache=True, logits_to_keep=1).past_key_values
+                         use_cache=True, logits_to_keep=1).cache
         keep = (s_in.fuse_mask & inputs.attention_mask.bool())  # (B, Nr) aligned message tokens
         for t in layers:
             r = getattr(r_cache.layers[t], kind).float().cpu()  # (B, Hr, Nr, Dr)

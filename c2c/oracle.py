@@ -171,7 +171,7 @@ def last_token_logits(model, cache: DynamicCache, input_ids: torch.Tensor, atten
     if last_position is None:
         last_position = position_ids(attention_mask)[:, -1]
     out = model(input_ids=input_ids[:, -1:], attention_mask=attention_mask, position_ids=last_position.view(-1, 1),
-                past_key_values=cache, use_cache=True)
+                cache=cache, use_cache=True)
     return out.logits[:, -1]
 
 

@@ -51,12 +51,12 @@ def test_collect_keys_pairs_aligned_message_tokens(tiny_receiver, tiny_sharer, c
     # the first prompt, alone and unpadded: its first message token's receiver key at layer 3
     ids = torch.tensor([aligner.align_chat(chats[0]).receiver_ids])
     first = aligner.align_chat(chats[0]).fuse_mask.index(True)
-    cache = receiver(input_ids=ids, use_cache=True).past_key_values
+    cache = receiver(input_ids=ids, use_cache=True).cache
     expected = cache.layers[3].keys[0, :, first].flatten()  # (Hr*Dr,)
     torch.testing.assert_close(pairs[3][1][0], expected, rtol=0, atol=1e-5)
     # ... and the sharer's key of the same token: terminal layer map 3 <- 2, aligned position
     aligned = aligner.align_chat(chats[0])
-    sharer_cache = sharer(input_ids=torch.tensor([aligned.sharer_ids]), use_cache=True).past_key_values
+    sharer_cache = sharer(input_ids=torch.tensor([aligned.sharer_ids]), use_cache=True).cache
     expected = sharer_cache.layers[2].keys[0, :, aligned.sharer_index[first]].flatten()  # (Hs*Ds,)
     torch.testing.assert_close(pairs[3][0][0], expected, rtol=0, atol=1e-5)
     values = collect_keys(*tiny_receiver, *tiny_sharer, chats[:1], [3], kind="values")

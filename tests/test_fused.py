@@ -87,8 +87,8 @@ def test_fused_cache_matches_a_per_layer_reference(tiny_receiver, tiny_sharer):
 
     n = len(aligned.receiver_ids) - 1
     with torch.no_grad():
-        r = receiver(input_ids=torch.tensor([aligned.receiver_ids[:n]]), use_cache=True).past_key_values
-        s = sharer(input_ids=torch.tensor([aligned.sharer_ids]), use_cache=True).past_key_values
+        r = receiver(input_ids=torch.tensor([aligned.receiver_ids[:n]]), use_cache=True).cache
+        s = sharer(input_ids=torch.tensor([aligned.sharer_ids]), use_cache=True).cache
     index = aligned.sharer_index[:n]
     mask = torch.tensor([aligned.fuse_mask[:n]])
     for t, layer in enumerate(cache.layers):

@@ -1,5 +1,6 @@
 """The project's own promises: one dependency list, README commands that exist and run, CI = make test."""
 
+import importlib.metadata
 import re
 import subprocess
 import sys
@@ -7,19 +8,87 @@ import tomllib
 from pathlib import Path
 
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_environment_yml_and_pyproject_list_the_same_dependencies():
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    conda = yaml.safe_load((ROOT / "environment.yml").read_text())["dependencies"]
-    pip_list = next(entry["pip"] for entry in conda if isinstance(entry, dict))
-    assert sorted(pyproject) == sorted(d for d in pip_list if not d.startswith("-e"))
+def read_lock(path: Path = ROOT / "requirements.lock") -> dict[str, Version]:
+    """requirements.lock as {canonical name: exact version}; every line must be `name==version`."""
+    pins = {}
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        requirement = Requirement(line)
+        specs = list(requirement.specifier)
+        assert len(specs) == 1 and specs[0].operator == "==" and "*" not in specs[0].version, f"{lineno}: {line}"
+        assert not requirement.marker and not requirement.url and not requirement.extras, f"{lineno}: {line}"
+        name = canonicalize_name(requirement.name)
+        assert name not in pins, f"{lineno}: {name} pinned twice"
+        pins[name] = Version(specs[0].version)
+    return pins
+
+
+def makefile_torch_spec() -> Requirement:
+    return Requirement(re.search(r"^TORCH_SPEC \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1))
+
+
+def test_pyproject_environment_yml_and_the_lock_agree():
+    lock = read_lock()
+    # torch comes from TORCH_SPEC (CPU or CUDA build), never from the lock, nor do a CUDA build's own wheels
+    assert not [n for n in lock if n in ("torch", "triton") or n.startswith(("nvidia-", "cuda-"))]
+    torch_spec = makefile_torch_spec()
+    assert torch_spec.name == "torch" and [s.operator for s in torch_spec.specifier] == ["=="]
+    torch_version = Version(next(iter(torch_spec.specifier)).version)
+
+    dependencies = [Requirement(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
     for required in ("torch", "transformers", "datasets", "accelerate", "safetensors", "gguf", "papermill", "nbval",
                      "jupyterlab", "matplotlib", "seaborn", "tqdm", "scikit-learn"):
-        assert any(re.match(rf"{required}\b", dep) for dep in pyproject), required
-    assert "transformers>=5.17,<6" in pyproject
+        assert any(d.name == required for d in dependencies), required
+    for dependency in dependencies:
+        name = canonicalize_name(dependency.name)
+        version = torch_version if name == "torch" else lock.get(name)
+        assert version is not None, f"{name} is a dependency in pyproject.toml but not in requirements.lock: make lock"
+        assert dependency.specifier.contains(version, prereleases=True), \
+            f"requirements.lock has {name}=={version}, outside pyproject.toml's {dependency}: make lock"
+
+    conda = yaml.safe_load((ROOT / "environment.yml").read_text())["dependencies"]
+    assert "python=3.11" in conda  # the lock was resolved for python 3.11
+    assert "python 3.11." in (ROOT / "requirements.lock").read_text().splitlines()[0]
+    pip_section = next(entry["pip"] for entry in conda if isinstance(entry, dict))
+    assert pip_section == [str(torch_spec), "-r requirements.lock", "-e ."]
+
+
+def test_the_environment_running_the_tests_is_the_locked_one():
+    """`make setup` installed exactly the lock (a stale .venv, or a dependency resolved afresh, shows up here)."""
+    installed = {canonicalize_name(d.metadata["Name"]): Version(d.version) for d in importlib.metadata.distributions()}
+    wrong = {name: (str(version), str(installed.get(name))) for name, version in read_lock().items()
+             if installed.get(name) != version}
+    assert not wrong, f"installed versions differ from requirements.lock (locked, installed): {wrong}; run make setup"
+    assert installed["torch"].base_version == next(iter(makefile_torch_spec().specifier)).version
+
+
+def test_setup_installs_torch_then_the_lock_then_the_package_without_resolving():
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^\$\(STAMP\): (.*?)\n((?:\t.*\n)+)", makefile, re.M)
+    assert "$(LOCK)" in recipe.group(1).split()  # a changed lock re-runs the install
+    steps = recipe.group(2)
+    order = [steps.index(s) for s in ('"$(TORCH_SPEC)"', "-r $(LOCK)", "--no-deps -e .")]
+    assert order == sorted(order)
+    assert re.search(r"^LOCK := requirements.lock$", makefile, re.M) and re.search(r"^lock:", makefile, re.M)
+
+
+def test_no_deprecated_cache_argument_names():
+    """transformers 5.24 calls it `cache` (argument and output attribute); `past_key_values` goes in 5.40.
+    The keyword use is also an error under pytest (pyproject's filterwarnings); this catches the attribute."""
+    offenders = [f"{path.relative_to(ROOT)}:{n}" for folder in ("c2c", "tests", "benchmarks", "notebooks")
+                 for path in sorted((ROOT / folder).rglob("*")) if path.suffix in (".py", ".ipynb")
+                 and path.name != "test_project.py"
+                 for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if "past_key_values" in line or "cache_params" in line]
+    assert not offenders, offenders
 
 
 def test_ci_runs_the_readme_test_command():
