@@ -1,0 +1,83 @@
+"""Statistics for comparing methods on the same items: intervals, paired tests, gap recovered.
+
+Every comparison in the tables is *paired*: two methods answered the same items, so what matters is
+the items on which they disagree. Plain Python (exact binomial sums with integers), no SciPy.
+
+* ``wilson_interval(k, n)``: 95% interval of an accuracy (Wilson score; well behaved near 0 and 1).
+* ``paired_comparison(a, b)``: difference of two methods' accuracies on the same items, its 95%
+  interval (Wald on the per-item differences), the discordant counts and the exact two-sided
+  McNemar p-value (a binomial test on the discordant items).
+* ``pgr(method, weak, strong)``: performance gap recovered, (method - weak) / (strong - weak), the
+  paper's PGR with the receiver as the weak and the sharer as the strong model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion correct / n (as fractions)."""
+    if n <= 0:
+        raise ValueError(f"an interval needs at least one item, got n={n}")
+    if not 0 <= correct <= n:
+        raise ValueError(f"correct must be in [0, n={n}], got {correct}")
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def binomial_two_sided_p(k: int, n: int) -> float:
+    """Exact two-sided p-value of k successes in n fair coin flips: P(X <= min) + P(X >= max), capped at 1."""
+    if n == 0:
+        return 1.0
+    low = min(k, n - k)
+    tail = sum(math.comb(n, i) for i in range(low + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Method a against method b on the same n items."""
+
+    n: int
+    accuracy_a: float
+    accuracy_b: float
+    difference: float  # accuracy_a - accuracy_b
+    interval: tuple[float, float]  # 95% interval of the difference
+    a_only: int  # items a answers correctly and b does not
+    b_only: int
+    p_value: float  # exact McNemar (two-sided)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def paired_comparison(a: Sequence[bool], b: Sequence[bool], z: float = Z95) -> PairedComparison:
+    """Compare per-item correctness of two methods on the same items (same order)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired comparison needs the same items: {len(a)} vs {len(b)} results")
+    n = len(a)
+    if n == 0:
+        raise ValueError("paired comparison of zero items")
+    a_only = sum(1 for x, y in zip(a, b) if x and not y)
+    b_only = sum(1 for x, y in zip(a, b) if y and not x)
+    difference = (a_only - b_only) / n
+    # per-item differences d_i in {-1, 0, 1}: mean = difference, variance from the discordant share
+    variance = ((a_only + b_only) / n - difference**2) / n
+    half = z * math.sqrt(max(variance, 0.0))
+    return PairedComparison(n, sum(map(bool, a)) / n, sum(map(bool, b)) / n, difference,
+                            (difference - half, difference + half), a_only, b_only,
+                            binomial_two_sided_p(a_only, a_only + b_only))
+
+
+def pgr(method: float, weak: float, strong: float) -> float | None:
+    """Performance gap recovered: (method - weak) / (strong - weak); None when strong == weak."""
+    if strong == weak:
+        return None
+    return (method - weak) / (strong - weak)
