@@ -16,7 +16,12 @@ Sources (`load_conversations`):
   them can solve and a receiver cannot;
 - `offline:natural-instructions`: the 193k instruction/answer pairs of BIG-bench's
   `natural_instructions` task (61 crowd-sourcing tasks), fetched from PyPI (the `bigbench` sdist),
-  the offline stand-in for OpenHermes (`natural_instructions_file`).
+  the offline stand-in for OpenHermes (`natural_instructions_file`);
+- `offline:mc-mix`: the multiple-choice training mix of `c2c.mcmix.load_mc_mix` (offline benchmark files,
+  never an evaluation item), the offline stand-in for MMLU's auxiliary_train (`mc_mix_file`);
+- `cais/mmlu:auxiliary_train`: MMLU's auxiliary_train from the hub, or `cais/mmlu:auxiliary_train=PATH` for a
+  local copy in the hub schema (`c2c.mcmix.load_mmlu_auxiliary_train`). Both multiple-choice sources are
+  rendered by `c2c.mcmix.mc_conversations`: the evaluation prompt, answered "The correct answer is X.".
 
 Examples are tokenized and aligned once (`tokenize_chats`) into flat arrays (`TokenizedChats`)
 that can be saved as .npy files, memory-mapped and shared by every process of a multi-GPU run.
@@ -39,6 +44,8 @@ import torch
 from c2c.align import AlignedPrompt, TokenAligner
 from c2c.fingerprint import tokenizer_fingerprint
 from c2c.fused import FusedInputs, collate
+from c2c.mcmix import MC_MIX_VERSION, load_mc_mix, load_mmlu_auxiliary_train, mc_conversations
+from c2c.paths import cache_dir
 
 DATA_FORMAT_VERSION = "c2c-chats/1"  # bump when tokenization/templating below changes (invalidates caches)
 IGNORE_INDEX = -100
@@ -46,6 +53,7 @@ ROLE_NAMES = {"system": "system", "human": "user", "user": "user", "gpt": "assis
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 SYNTHETIC_PREFIX = "synthetic:"
 OFFLINE_PREFIX = "offline:"
+MMLU_AUXILIARY_TRAIN = "cais/mmlu:auxiliary_train"  # "=PATH" after it: a local copy in the hub schema
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,6 +146,9 @@ def load_conversations(source: str | os.PathLike, max_examples: int | None = Non
     text = str(source)
     if text.startswith(SYNTHETIC_PREFIX):
         return synthetic_conversations(text, max_examples)
+    if text == MMLU_AUXILIARY_TRAIN or text.startswith(MMLU_AUXILIARY_TRAIN + "="):
+        local = text[len(MMLU_AUXILIARY_TRAIN) + 1:] or None
+        return mc_conversations(load_mmlu_auxiliary_train(local, max_items=max_examples))
     if text.startswith(OFFLINE_PREFIX):
         text = str(offline_training_file(text))
     path = Path(text).expanduser()
@@ -235,7 +246,18 @@ def natural_instructions_file() -> Path:
     return target
 
 
-OFFLINE_TRAINING_SOURCES = {"natural-instructions": natural_instructions_file}
+def mc_mix_file() -> Path:
+    """`cache_dir()/data/mc-mix-<MC_MIX_VERSION>.jsonl` (messages records), built once: `c2c.mcmix.load_mc_mix()`
+    as training chats (`mc_conversations`), in the mix's interleaved order, so the first N records are its first
+    N items."""
+    target = cache_dir() / "data" / f"mc-mix-{MC_MIX_VERSION}.jsonl"
+    if not target.is_file():
+        tmp = write_jsonl(mc_conversations(load_mc_mix()), target.with_name(target.name + ".tmp"))
+        tmp.replace(target)
+    return target
+
+
+OFFLINE_TRAINING_SOURCES = {"natural-instructions": natural_instructions_file, "mc-mix": mc_mix_file}
 
 
 def offline_training_file(source: str) -> Path:
