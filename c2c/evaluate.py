@@ -88,6 +88,7 @@ DEFAULTS: dict[str, Any] = {
     "assistant_prefix": DEFAULT_ASSISTANT_PREFIX,  # logits mode only
     "sharer_max_new_tokens": DEFAULT_T2T_MAX_NEW_TOKENS,  # T2T's background text
     "batch_size": 8,
+    "static_cache": "auto",  # generate scoring: decode with a static cache (auto = on CUDA only), or true / false
     "limit": None,  # default per benchmark: at most this many items (round-robin over subjects)
     "methods": ["receiver", "sharer", "t2t", "c2c"],
     "benchmarks": list(PAPER_BENCHMARKS),
@@ -95,6 +96,7 @@ DEFAULTS: dict[str, Any] = {
 METHOD_KEYS = {"name", "key", "label", "scoring", "max_new_tokens", "assistant_prefix",
                "sharer_max_new_tokens", "batch_size"}
 BENCHMARK_KEYS = {"name", "source", "split", "limit", "subjects"}
+STATIC_CACHE = {"auto": None, True: True, False: False}  # config value -> Method(static_cache=...)
 
 
 class EvaluationError(RuntimeError):
@@ -310,6 +312,8 @@ def load_config(config: str | os.PathLike | dict) -> dict:
     cfg["name"] = cfg["name"] or "eval"
     if cfg["scoring"] not in SCORING_MODES:
         raise ValueError(f"scoring must be one of {SCORING_MODES}, got {cfg['scoring']!r}")
+    if not (cfg["static_cache"] == "auto" or isinstance(cfg["static_cache"], bool)):
+        raise ValueError(f"static_cache must be one of {list(STATIC_CACHE)}, got {cfg['static_cache']!r}")
     cfg["methods"] = [_method_entry(m, cfg) for m in _as_list(cfg["methods"], "methods")]
     keys = [m["key"] for m in cfg["methods"]]
     if len(set(keys)) != len(keys):
@@ -431,7 +435,8 @@ def _fuser(cfg: dict, receiver, sharer):
 def build_method(entry: dict, cfg: dict, models: _Models) -> Method:
     """A method object from a (checked) method entry of a config."""
     options = {"scoring": entry["scoring"], "max_new_tokens": entry["max_new_tokens"],
-               "assistant_prefix": entry["assistant_prefix"], "label": entry.get("label")}
+               "assistant_prefix": entry["assistant_prefix"], "label": entry.get("label"),
+               "static_cache": STATIC_CACHE[cfg["static_cache"]]}
     name = entry["name"]
     if name == "receiver":
         return ReceiverAlone(*models.get("receiver"), model_name=cfg["receiver"], **options)

@@ -145,22 +145,33 @@ def to_static_cache(cache: DynamicCache, config, max_cache_len: int) -> StaticCa
     return static
 
 
+def requested_max_new_tokens(model, generate_kwargs: dict) -> int | None:
+    """The max_new_tokens `model.generate(**generate_kwargs)` decodes with, in transformers' order: the
+    argument, else the `generation_config=` passed, else the model's own generation config (None: unset)."""
+    candidates = (generate_kwargs.get("max_new_tokens"),
+                  getattr(generate_kwargs.get("generation_config"), "max_new_tokens", None),
+                  model.generation_config.max_new_tokens)
+    return next((n for n in candidates if n is not None), None)
+
+
 @torch.no_grad()
 def generate_from_prefix(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          cache: DynamicCache | None = None, *, static_cache: bool | None = None, **generate_kwargs):
     """`model.generate` continuing from `cache` (default: the model's own prefix cache of the prompt).
 
     static_cache: decode with a preallocated StaticCache, which transformers compiles on CUDA
-    (None = only where the model is on a CUDA device; eager dynamic cache on CPU).
+    (None = only where the model is on a CUDA device; eager dynamic cache on CPU). Its length is the
+    prompt + `requested_max_new_tokens(model, generate_kwargs)`.
     """
     if cache is None:
         cache = prefix_cache(model, input_ids, attention_mask)
     if static_cache is None:
         static_cache = input_ids.device.type == "cuda"
     if static_cache:
-        max_new_tokens = generate_kwargs.get("max_new_tokens") or model.generation_config.max_new_tokens
+        max_new_tokens = requested_max_new_tokens(model, generate_kwargs)
         if not max_new_tokens:
-            raise ValueError("static_cache=True needs max_new_tokens to size the cache")
+            raise ValueError("static_cache=True needs max_new_tokens (an argument, or in the generation_config "
+                             "passed or the model's) to size the cache")
         cache = to_static_cache(cache, model.config, input_ids.shape[1] + max_new_tokens)
     return model.generate(input_ids=input_ids, attention_mask=attention_mask, cache=cache, **generate_kwargs)
 
@@ -309,7 +320,7 @@ class C2CModel(nn.Module):
     @torch.no_grad()
     def generate(self, inputs: FusedInputs, *, static_cache: bool | None = None, **generate_kwargs):
         """Fused prefill, then `receiver.generate` continuing from the fused cache (all its options apply)."""
-        self.check_lengths(inputs, generate_kwargs.get("max_new_tokens") or 0)
+        self.check_lengths(inputs, requested_max_new_tokens(self.receiver, generate_kwargs) or 0)
         return generate_from_prefix(self.receiver, inputs.input_ids, inputs.attention_mask, self.prefill(inputs),
                                     static_cache=static_cache, **generate_kwargs)
 

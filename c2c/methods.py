@@ -207,17 +207,23 @@ class Method:
 
     scoring: "generate" (greedy, ``max_new_tokens``, regex cascade) or "logits" (option letters'
     next-token log-probabilities after ``assistant_prefix``).
+    static_cache: decode "generate" answers with a preallocated static cache (what CUDA compiles);
+    None = only on CUDA. The tokens are the same either way, so it is not part of ``describe()``.
     """
 
     name = "method"  # registry key (``METHODS``)
 
     def __init__(self, *, scoring: str = "generate", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                 assistant_prefix: str = DEFAULT_ASSISTANT_PREFIX, label: str | None = None):
+                 assistant_prefix: str = DEFAULT_ASSISTANT_PREFIX, label: str | None = None,
+                 static_cache: bool | None = None):
         if scoring not in SCORING_MODES:
             raise ValueError(f"scoring must be one of {SCORING_MODES}, got {scoring!r}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if static_cache not in (None, True, False):
+            raise ValueError(f"static_cache must be None (CUDA only), True or False, got {static_cache!r}")
         self.scoring = scoring
+        self.static_cache = static_cache
         self.max_new_tokens = max_new_tokens
         self.assistant_prefix = assistant_prefix or ""
         self.label = label or self.default_label()
@@ -272,7 +278,7 @@ class Method:
             rows = [render_ids(tokenizer, chat) for chat in chats]
             ids, mask = left_pad(rows, pad_token_id(tokenizer))
             ids, mask = ids.to(model.device), mask.to(model.device)
-            sequences = generate_from_prefix(model, ids, mask,
+            sequences = generate_from_prefix(model, ids, mask, static_cache=self.static_cache,
                                              **_greedy_kwargs(model, tokenizer, self.max_new_tokens))
             texts, counts = _decode_new(tokenizer, sequences[:, ids.shape[1]:], _eos_ids(model, tokenizer))
             answers = [Answer(item.id, extract_answer(text, len(item.options)), text, None,
@@ -352,7 +358,7 @@ class TextToText(Method):
         ids, mask = left_pad(rows, pad_token_id(self.sharer_tokenizer))
         ids, mask = ids.to(self.sharer.device), mask.to(self.sharer.device)
         sequences = generate_from_prefix(
-            self.sharer, ids, mask, **_greedy_kwargs(self.sharer, self.sharer_tokenizer, self.sharer_max_new_tokens))
+            self.sharer, ids, mask, static_cache=self.static_cache, **_greedy_kwargs(self.sharer, self.sharer_tokenizer, self.sharer_max_new_tokens))
         return _decode_new(self.sharer_tokenizer, sequences[:, ids.shape[1]:],
                            _eos_ids(self.sharer, self.sharer_tokenizer))
 
@@ -421,7 +427,8 @@ class C2C(Method):
         else:
             inputs = self.prepare(chats).to(device)
             m.check_lengths(inputs, self.max_new_tokens)  # prompt + answer must fit the context
-            sequences = m.generate(inputs, **_greedy_kwargs(m.receiver, tokenizer, self.max_new_tokens))
+            sequences = m.generate(inputs, static_cache=self.static_cache,
+                                   **_greedy_kwargs(m.receiver, tokenizer, self.max_new_tokens))
             texts, counts = _decode_new(tokenizer, sequences[:, inputs.input_ids.shape[1]:],
                                         _eos_ids(m.receiver, tokenizer))
             answers = [Answer(item.id, extract_answer(text, len(item.options)), text, None, {"new_tokens": n})

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from c2c.benchmarks import extract_answer, load_benchmark, write_tiny_fixtures
-from c2c.evaluate import EvaluationError, evaluate, load_config, main, read_records, run_eval
+from c2c.evaluate import EvaluationError, _Models, build_method, evaluate, load_config, main, read_records, run_eval
 from c2c.methods import Answer, Method, ReceiverAlone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,6 +205,19 @@ def test_config_errors_are_clear(tmp_path):
                  tmp_path / "out", progress=False)
     with pytest.raises(FileNotFoundError, match="config file"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_static_cache_setting_reaches_every_method():
+    base = {"receiver": "tiny-receiver", "sharer": "tiny-sharer", "methods": ["receiver", "sharer", "t2t", "c2c"],
+            "fuser": {"random": {"seed": 0, "hidden_dim": 32, "intermediate_dim": 24}},
+            "benchmarks": [{"name": "arc-challenge", "source": "tiny-fixtures"}]}
+    assert load_config(base)["static_cache"] == "auto"
+    models = _Models(load_config(base))
+    for value, expected in (("auto", None), (True, True), (False, False)):
+        cfg = load_config({**base, "static_cache": value})
+        assert [build_method(entry, cfg, models).static_cache for entry in cfg["methods"]] == [expected] * 4
+    with pytest.raises(ValueError, match="static_cache must be one of \\['auto', True, False\\], got 'yes'"):
+        load_config({**base, "static_cache": "yes"})
 
 
 def test_cli(tmp_path, capsys):

@@ -1,10 +1,13 @@
 """Fused generation: closed gates reproduce the receiver, batching, multi-sharer, transformers' generate."""
 
+import copy
+from unittest import mock
+
 import pytest
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from c2c.fused import C2CModel, generate_from_prefix
+from c2c.fused import C2CModel, generate_from_prefix, requested_max_new_tokens
 from conftest import make_fuser
 
 PROMPTS = [
@@ -55,6 +58,24 @@ def test_static_cache_engine_gives_the_same_tokens(pair):
     static = model.generate(inputs, static_cache=True, **GREEDY)
     assert torch.equal(dynamic.sequences, static.sequences)
     torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), rtol=0, atol=1e-5)
+
+
+def test_static_cache_length_follows_transformers_max_new_tokens_priority(tiny_receiver):
+    """The argument, else the generation_config passed, else the model's own (transformers' order)."""
+    receiver = tiny_receiver[0]
+    passed = copy.deepcopy(receiver.generation_config)
+    passed.max_new_tokens = 7
+    own = copy.deepcopy(receiver.generation_config)
+    own.max_new_tokens = 5
+    assert requested_max_new_tokens(receiver, {"max_new_tokens": 3, "generation_config": passed}) == 3
+    assert requested_max_new_tokens(receiver, {"generation_config": passed}) == 7
+    assert requested_max_new_tokens(receiver, {}) is None
+    with mock.patch.object(receiver, "generation_config", own):
+        assert requested_max_new_tokens(receiver, {}) == 5
+        assert requested_max_new_tokens(receiver, {"generation_config": passed}) == 7
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with pytest.raises(ValueError, match="static_cache=True needs max_new_tokens"):
+        generate_from_prefix(receiver, ids, torch.ones_like(ids), static_cache=True)
 
 
 def test_open_gates_change_the_answer(pair):

@@ -7,7 +7,8 @@ import torch
 from transformers import AutoTokenizer
 
 from c2c.benchmarks import extract_answer, load_benchmark, mc_prompt, t2t_receiver_messages, write_tiny_fixtures
-from c2c.fused import C2CModel
+import c2c.fused
+from c2c.fused import C2CModel, to_static_cache
 from c2c.methods import (
     C2C,
     DEFAULT_ASSISTANT_PREFIX,
@@ -33,9 +34,9 @@ def items(tmp_path_factory):
             + list(load_benchmark("ceval", folders["ceval"]))[:3])
 
 
-def build(name, mode, tiny_receiver, tiny_sharer, gate_logit=1.0, shared_vocabulary=False):
+def build(name, mode, tiny_receiver, tiny_sharer, gate_logit=1.0, shared_vocabulary=False, **options):
     (r, rt), (s, st) = tiny_receiver, (tiny_receiver if shared_vocabulary else tiny_sharer)
-    options = dict(scoring=mode, max_new_tokens=8)
+    options = dict(scoring=mode, max_new_tokens=8, **options)
     if name == "receiver":
         return ReceiverAlone(r, rt, **options)
     if name == "sharer":
@@ -60,6 +61,32 @@ def test_batched_answers_equal_batch_one(name, mode, items, tiny_receiver, tiny_
             assert a.scores.keys() == b.scores.keys()
             torch.testing.assert_close(torch.tensor(list(a.scores.values())),
                                        torch.tensor(list(b.scores.values())), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["receiver", "sharer", "t2t", "c2c"])
+def test_static_cache_decoding_gives_the_dynamic_tokens(name, items, tiny_receiver, tiny_sharer, monkeypatch):
+    """The branch every CUDA run takes, forced on CPU exactly as the methods call it: a static cache sized
+    from the generation_config `_greedy_kwargs` passes (the models' own configs set no max_new_tokens)."""
+    assert tiny_receiver[0].generation_config.max_new_tokens is None
+    assert tiny_sharer[0].generation_config.max_new_tokens is None
+    sizes = []
+
+    def spy(cache, config, max_cache_len):
+        sizes.append((cache.get_seq_length(), max_cache_len))
+        return to_static_cache(cache, config, max_cache_len)
+
+    monkeypatch.setattr(c2c.fused, "to_static_cache", spy)
+    dynamic = build(name, "generate", tiny_receiver, tiny_sharer, static_cache=False).answer(items, batch_size=5)
+    assert sizes == []
+    static = build(name, "generate", tiny_receiver, tiny_sharer, static_cache=True).answer(items, batch_size=5)
+    batches = 3 * (2 if name == "t2t" else 1)  # 12 items in batches of 5; T2T decodes twice per batch
+    assert len(sizes) == batches
+    # prompt (cached prefix + last token) + the method's cap: 8 new tokens, T2T's sharer text 6
+    assert {length - prefix - 1 for prefix, length in sizes} == ({6, 8} if name == "t2t" else {8})
+    for d, s in zip(dynamic, static):
+        assert (d.item_id, d.letter, d.text, d.extra["new_tokens"]) == (s.item_id, s.letter, s.text, s.extra["new_tokens"])
+        assert d.extra.get("sharer_text") == s.extra.get("sharer_text")
+    assert any(a.extra["new_tokens"] > 1 for a in static)  # really decoded several steps from the static cache
 
 
 @pytest.mark.parametrize("name", ["receiver", "sharer", "t2t", "c2c"])
