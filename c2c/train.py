@@ -10,9 +10,9 @@ What happens (spec, "Training recipe"): only the fusers train; receiver and shar
 mode. Each example is a chat instruction (fused prefill) and the last assistant turn (scored by
 next-token cross-entropy on the receiver, see `continuation_loss`). AdamW, linear schedule with
 warm-up, gradient clipping, gradient accumulation, bf16 autocast with fp32 master weights (or pure
-bf16), gate temperature annealed after every optimizer step. The gate logits are left out of weight
-decay unless `fuser.exempt_gates_from_weight_decay: false` (the paper's reference decays them, pulling
-them towards 0 = closed at inference; `FuserConfig`'s own default stays the paper's).
+bf16), gate temperature annealed after every optimizer step. The gate logits are under weight decay
+like every other weight, as in the paper's reference (it pulls them towards 0 = closed at inference);
+a config that wants them exempt says so: `fuser.exempt_gates_from_weight_decay: true`.
 
 The loss of one optimizer step is the mean over *all* scored tokens of that step (every micro-batch
 and every process), so gradient accumulation and the number of GPUs do not change its value.
@@ -119,8 +119,8 @@ class TrainConfig:
     # then every step (and every later run on the same data and models) reads them
     prefix_cache: bool = False
     model_dtype: str = "auto"  # frozen receiver/sharer: auto (bfloat16 under bf16 precision, else float32) | bfloat16 | float32
-    # fuser (FuserConfig options; anneal_steps: "total" = the run's optimizer steps;
-    # exempt_gates_from_weight_decay defaults to true here: the paper's reference decays the gate logits)
+    # fuser (FuserConfig options; anneal_steps: "total" = the run's optimizer steps; the gate logits are
+    # decayed, as in the paper's reference, unless exempt_gates_from_weight_decay: true)
     fuser: dict = dataclasses.field(default_factory=dict)
     # optimisation
     learning_rate: float = 1e-4
@@ -703,8 +703,6 @@ def train(config: "str | os.PathLike | dict | TrainConfig", *, overrides: dict |
 
     # ---- fuser, optimiser ----------------------------------------------------------------------
     fuser_options = dict(config.fuser)
-    # gate logits out of weight decay unless the config says otherwise (the paper's reference decays them)
-    fuser_options.setdefault("exempt_gates_from_weight_decay", True)
     if fuser_options.get("anneal_steps", "total") == "total":
         fuser_options["anneal_steps"] = total_steps
     mapping = layer_map(receiver.config.num_hidden_layers, sharer.config.num_hidden_layers, config.layer_map)

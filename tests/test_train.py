@@ -10,8 +10,9 @@ import yaml
 
 from c2c.data import collate_examples, load_conversations, tokenize_chats
 from c2c.fused import C2CModel
-from c2c.fuser import C2CFuser, gate_temperature
+from c2c.fuser import C2CFuser, FuserConfig, gate_temperature
 from c2c.train import (
+    TrainConfig,
     checkpoints,
     continuation_loss,
     linear_schedule,
@@ -101,6 +102,10 @@ def test_shipped_configs_are_valid_and_the_paper_one_is_the_recipe():
     assert (paper.precision, paper.eval_every, paper.checkpoint_every) == ("bf16", 100, 500)
     assert paper.fuser["anneal_steps"] == "total" and paper.fuser["exempt_gates_from_weight_decay"] is True
     assert paper.fuser["hidden_dim"] == 1024 and paper.fuser["num_layers"] == 3 and paper.fuser["dropout"] == 0.1
+    # the exemption is a fix a config names; the trainer's default is the paper's (decayed gate logits)
+    assert TrainConfig().fuser == {} and FuserConfig.exempt_gates_from_weight_decay is False
+    for name in ("train_tiny", "train_small", "train_small_cross", "train_transfer_small"):
+        assert load_config(REPO / "configs" / f"{name}.yaml").fuser["exempt_gates_from_weight_decay"] is True, name
 
 
 # ---- optimiser -----------------------------------------------------------------------------------
@@ -150,9 +155,9 @@ def test_training_runs_logs_and_saves_a_loadable_fuser(tmp_path, tiny_receiver, 
         assert all(p.grad is None and not p.requires_grad for p in model.sharers[0].parameters())
         assert all(p.grad is None for p in fuser.parameters())  # zeroed after each step (set_to_none)
         assert step == 1 or fuser.gate_logit.detach().abs().max() > 0  # it trains (step 1 has lr 0: warm-up)
-        # by default the trainer keeps the gate logits out of weight decay (and decays everything else)
+        # by default the trainer decays every weight, the gate logits included (the paper's reference)
         decay = {id(p): g["weight_decay"] for g in info["optimizer"].param_groups for p in g["params"]}
-        assert decay.pop(id(fuser.gate_logit)) == 0.0 and set(decay.values()) == {0.01}
+        assert decay[id(fuser.gate_logit)] == 0.01 and set(decay.values()) == {0.01}
 
     final = train(tiny_run(tmp_path, max_steps=5, checkpoint_every=2, eval_every=2, log_every=2,
                            fuser={"hidden_dim": 16, "intermediate_dim": 16, "anneal_steps": "total"}), on_step=watch)
@@ -168,6 +173,7 @@ def test_training_runs_logs_and_saves_a_loadable_fuser(tmp_path, tiny_receiver, 
     fuser = C2CFuser.from_pretrained(final, receiver.config, sharer.config)
     assert not torch.equal(fuser.gate_logit, torch.zeros_like(fuser.gate_logit))
     assert fuser.config.anneal_steps == 5 and fuser.config.sharer == "tiny-sharer"
+    assert fuser.config.exempt_gates_from_weight_decay is False  # recorded in the checkpoint
     # log: step 0 (eval, gates closed = receiver alone), train every 2 steps, eval every 2 and at the end
     log = read_log(run)
     assert [r["step"] for r in log] == [0, 2, 4, 5]
