@@ -11,7 +11,11 @@ Run folder layout (``out``)::
 Resume: items already in the JSONL are skipped; a crash loses at most the batch in flight (a torn
 last line is dropped). A JSONL written by a different method description or benchmark source is
 never mixed in: the run stops and says so. Nothing is skipped silently: an unparsable reply is a
-wrong answer (counted and shown per benchmark); an exception stops the run and names the item id.
+wrong answer (counted and shown per benchmark); so is an item whose method raises: its record holds
+``"error": "<Type>: <message>"``, the table counts and shows the errors per benchmark, and a rerun
+retries those items. Failures that look systematic stop the run with an ``EvaluationError`` naming
+the items: the first ``FIRST_ITEMS_ALL_FAILED`` items all raised, or more than ``MAX_ERROR_FRACTION``
+of the items did once ``ERROR_FRACTION_MIN_ITEMS`` have run.
 
 Command line::
 
@@ -72,7 +76,11 @@ BENCHMARK_TITLES = {"mmlu-redux": "MMLU-Redux", "arc-challenge": "ARC-C", "openb
                     "ceval": "C-Eval", "mmlu": "MMLU"}
 PAPER_BENCHMARKS = ("mmlu-redux", "arc-challenge", "openbookqa", "ceval")
 EVAL_CONFIG = "eval_config.yaml"  # the exact config, next to the table
-EXAMPLES_SHOWN = 3  # parse-failure examples per benchmark in the table
+EXAMPLES_SHOWN = 3  # parse-failure and error examples per benchmark in the table
+# an item that raises is counted wrong; these stop the run as systematic (items run by this call, longest first):
+FIRST_ITEMS_ALL_FAILED = 20  # the first 20 items (all of them, if fewer) all raised
+MAX_ERROR_FRACTION = 0.01  # more than 1% of the items raised ...
+ERROR_FRACTION_MIN_ITEMS = 100  # ... once at least 100 have run
 
 DEFAULTS: dict[str, Any] = {
     "name": None,  # the table's title; default: the config file's stem
@@ -100,7 +108,8 @@ STATIC_CACHE = {"auto": None, True: True, False: False}  # config value -> Metho
 
 
 class EvaluationError(RuntimeError):
-    """A method raised on an item; the message names the item id (the run stops, results so far are kept)."""
+    """The run stops (results so far are kept): failures look systematic, or a method broke its contract;
+    the message names the items."""
 
 
 # --------------------------------------------------------------------------- one method, one benchmark
@@ -137,6 +146,15 @@ class BenchmarkResult:
         return [{"id": r["id"], "text": r["text"]} for r in self.records if r["parse_failure"]][:EXAMPLES_SHOWN]
 
     @property
+    def errors(self) -> int:
+        """Items whose method raised (counted wrong)."""
+        return sum(bool(r.get("error")) for r in self.records)
+
+    @property
+    def error_examples(self) -> list[dict]:
+        return [{"id": r["id"], "error": r["error"]} for r in self.records if r.get("error")][:EXAMPLES_SHOWN]
+
+    @property
     def seconds(self) -> float:
         return sum(r["seconds"] for r in self.records)
 
@@ -147,7 +165,8 @@ class BenchmarkResult:
     def summary(self) -> dict[str, Any]:
         return {"method": self.method, "label": self.label, "benchmark": self.benchmark, "n": self.n,
                 "correct": self.correct, "accuracy": self.accuracy, "parse_failures": self.parse_failures,
-                "parse_failure_examples": self.parse_failure_examples, "seconds": self.seconds,
+                "parse_failure_examples": self.parse_failure_examples, "errors": self.errors,
+                "error_examples": self.error_examples, "seconds": self.seconds,
                 "items_per_s": self.items_per_s, "dropped_by_rules": self.dropped}
 
 
@@ -211,18 +230,62 @@ def _record(item: MCItem, answer, seconds: float) -> dict:
             "text": answer.text, "scores": answer.scores, "extra": answer.extra, "seconds": seconds}
 
 
-def _locate_failure(method: Method, batch: list[MCItem], error: Exception, where: str) -> EvaluationError:
-    """Re-run a failed batch item by item to name the item that raises."""
-    if len(batch) > 1:
-        for item in batch:
-            try:
-                method.answer([item], batch_size=1)
-            except Exception as e:  # noqa: BLE001 - reported, never swallowed
-                return EvaluationError(f"{where}: item {item.id!r} raised {type(e).__name__}: {e}")
-        ids = [i.id for i in batch]
-        return EvaluationError(f"{where}: the batch of items {ids} raised {type(error).__name__}: {error} "
-                               "(each item alone succeeded)")
-    return EvaluationError(f"{where}: item {batch[0].id!r} raised {type(error).__name__}: {error}")
+def _error_record(item: MCItem, error: Exception, seconds: float) -> dict:
+    """The record of an item whose method raised: counted wrong, the error kept."""
+    return {"id": item.id, "subject": item.subject, "gold": item.answer, "pred": None, "correct": False,
+            "parse_failure": False, "text": None, "scores": None, "extra": {}, "seconds": seconds,
+            "error": f"{type(error).__name__}: {error}"}
+
+
+def _answer_records(method: Method, batch: list[MCItem], where: str) -> list[dict]:
+    """One record per item of a batch. A batch that raises is answered again item by item, so only the
+    items that raise themselves get an error record (each logged with its traceback)."""
+    t0 = time.perf_counter()
+    try:
+        answers = method.answer(batch, batch_size=len(batch))
+    except Exception as error:  # noqa: BLE001 - recorded per item, reported in the table, systematic ones stop
+        if len(batch) > 1:
+            log.warning("%s: a batch of %d items raised %s: %s; answering them one by one", where, len(batch),
+                        type(error).__name__, error)
+            return [record for item in batch for record in _answer_records(method, [item], where)]
+        log.warning("%s: item %r raised (counted wrong)", where, batch[0].id, exc_info=error)
+        return [_error_record(batch[0], error, time.perf_counter() - t0)]
+    if len(answers) != len(batch):
+        raise EvaluationError(f"{where}: {len(answers)} answers for {len(batch)} items {[i.id for i in batch]}")
+    per_item = (time.perf_counter() - t0) / len(batch)
+    return [_record(item, answer, per_item) for item, answer in zip(batch, answers)]
+
+
+def _stop_if_systematic(records: list[dict], pending: int, where: str, records_path: Path) -> None:
+    """EvaluationError when the items run so far (in order) fail systematically (module docstring)."""
+    failed = [r for r in records if r.get("error")]
+    if not failed:
+        return
+    first = min(FIRST_ITEMS_ALL_FAILED, pending)
+    if len(records) >= first and all(r.get("error") for r in records[:first]):
+        why = f"the first {first} items all raised"
+    elif len(records) >= ERROR_FRACTION_MIN_ITEMS and len(failed) > MAX_ERROR_FRACTION * len(records):
+        why = f"{len(failed)} of {len(records)} items raised (more than {MAX_ERROR_FRACTION:.0%})"
+    else:
+        return
+    ids = [r["id"] for r in failed]
+    shown = "; ".join(f"{r['id']!r}: {r['error']}" for r in failed[:EXAMPLES_SHOWN])
+    raise EvaluationError(f"{where}: stopped, {why}: items {ids[:20]}{' ...' if len(ids) > 20 else ''}. "
+                          f"First errors: {shown}. Their records in {records_path} hold the errors; a rerun "
+                          "retries them.")
+
+
+def _drop_error_records(path: Path, records: list[dict]) -> list[dict]:
+    """The records without errors; the file is rewritten without the others (atomically) so they are redone."""
+    kept = [r for r in records if not r.get("error")]
+    if len(kept) < len(records):
+        log.info("%s: retrying %d items whose earlier run raised", path, len(records) - len(kept))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return kept
 
 
 def evaluate(method: Method, items: Sequence[MCItem], folder: str | os.PathLike, *,
@@ -231,8 +294,10 @@ def evaluate(method: Method, items: Sequence[MCItem], folder: str | os.PathLike,
     """Run ``method`` on ``items``, caching one record per item in ``folder/<benchmark>.jsonl``.
 
     Items already there are skipped (resume). Pending items run longest prompt first (less padding
-    per batch); the records come back in item order. An exception stops the run with an
-    ``EvaluationError`` naming the item id; what was done before is kept.
+    per batch); the records come back in item order. An item whose method raises is counted wrong and
+    its record holds the error (a batch that raises is redone item by item); items recorded with an
+    error are retried on resume. Systematic failures stop the run with an ``EvaluationError`` naming
+    the items (``FIRST_ITEMS_ALL_FAILED``, ``MAX_ERROR_FRACTION``); what was done before is kept.
     source: where the items came from (default ``{"name": benchmark}``); together with the method's
     ``describe()`` it is saved next to the records and must match on resume (the item count may change:
     a larger ``limit`` resumes and extends a smaller one).
@@ -251,7 +316,7 @@ def evaluate(method: Method, items: Sequence[MCItem], folder: str | os.PathLike,
     _check_meta(folder / f"{benchmark}.meta.json",
                 {"method": method.describe(), "benchmark": source or {"name": benchmark}}, records_path)
 
-    done = {r["id"]: r for r in read_records(records_path)}
+    done = {r["id"]: r for r in _drop_error_records(records_path, read_records(records_path))}
     by_id = {i.id: i for i in items}
     for r in done.values():
         if r["id"] in by_id and r["gold"] != by_id[r["id"]].answer:
@@ -263,21 +328,16 @@ def evaluate(method: Method, items: Sequence[MCItem], folder: str | os.PathLike,
 
     bar = tqdm(total=len(items), initial=len(items) - len(pending), desc=f"{key}/{benchmark}",
                unit="item", disable=not progress, dynamic_ncols=True)
+    ran: list[dict] = []  # this call's records, in the order run
     try:
         for start in range(0, len(pending), batch_size):
             batch = pending[start:start + batch_size]
-            t0 = time.perf_counter()
-            try:
-                answers = method.answer(batch, batch_size=len(batch))
-            except Exception as error:  # noqa: BLE001 - re-raised with the item id
-                raise _locate_failure(method, batch, error, where) from error
-            per_item = (time.perf_counter() - t0) / len(batch)
-            if len(answers) != len(batch):
-                raise EvaluationError(f"{where}: {len(answers)} answers for {len(batch)} items {[i.id for i in batch]}")
-            records = [_record(item, answer, per_item) for item, answer in zip(batch, answers)]
+            records = _answer_records(method, batch, where)
             _append(records_path, records)
             done.update((r["id"], r) for r in records)
             bar.update(len(batch))
+            ran += records
+            _stop_if_systematic(ran, len(pending), where, records_path)
     finally:
         bar.close()
     return BenchmarkResult(key, method.label, benchmark, [done[i] for i in ids], dict(dropped or {}))
@@ -484,6 +544,7 @@ class EvalReport:
                 row[b] = round(100 * r.accuracy, 2) if r else None
                 row[f"{b}_n"] = r.n if r else None
                 row[f"{b}_parse_failures"] = r.parse_failures if r else None
+                row[f"{b}_errors"] = r.errors if r else None
                 row[f"{b}_items_per_s"] = round(r.items_per_s, 3) if r else None
             avg = self.average(m["key"])
             row["average"] = round(100 * avg, 2) if avg is not None else None
@@ -497,7 +558,8 @@ class EvalReport:
                  f"Receiver: `{cfg['receiver']}`; sharer: `{cfg['sharer']}`"
                  + (f"; fuser: `{cfg['fuser']}`" if any(m["name"] == "c2c" for m in self.methods) else "")
                  + f". Zero-shot, one user turn, thinking disabled; dtype {cfg['dtype']}.", "",
-                 "Accuracy (%); parse failures count as wrong. Average = mean over the benchmarks.", "",
+                 "Accuracy (%); parse failures and items that raised count as wrong. Average = mean over the "
+                 "benchmarks.", "",
                  "| Method | Scoring | " + " | ".join(titles) + " | Average |",
                  "|---|---|" + "---:|" * (len(titles) + 1)]
 
@@ -511,14 +573,16 @@ class EvalReport:
                 scoring += f"; sharer text <= {m['sharer_max_new_tokens']} tokens"
             lines.append(f"| {m['label']} | {scoring} | " + " | ".join(fmt(row[b]) for b in self.benchmarks)
                          + f" | {fmt(row['average'])} |")
-        lines += ["", "Items evaluated (N), parse failures, and throughput (items/s, batched, this machine):", "",
+        lines += ["", "Items evaluated (N), parse failures, items that raised (errors), and throughput (items/s, "
+                  "batched, this machine):", "",
                   "| Method | " + " | ".join(titles) + " |", "|---|" + "---|" * len(titles)]
         for m in self.methods:
             cells = []
             for b in self.benchmarks:
                 r = self.results.get((m["key"], b))
                 cells.append("-" if r is None else
-                             f"N={r.n}, parse failures {r.parse_failures}, {r.items_per_s:.2f} items/s")
+                             f"N={r.n}, parse failures {r.parse_failures}, errors {r.errors}, "
+                             f"{r.items_per_s:.2f} items/s")
             lines.append(f"| {m['label']} | " + " | ".join(cells) + " |")
         examples = [(m, b, self.results[(m["key"], b)]) for m in self.methods for b in self.benchmarks
                     if (m["key"], b) in self.results and self.results[(m["key"], b)].parse_failures]
@@ -528,6 +592,14 @@ class EvalReport:
                 shown = "; ".join(f"`{e['id']}`: {json.dumps(e['text'][:120], ensure_ascii=False)}"
                                   for e in r.parse_failure_examples)
                 lines.append(f"- {m['label']} / {b}: {r.parse_failures} of {r.n} — {shown}")
+        raised = [(m, b, self.results[(m["key"], b)]) for m in self.methods for b in self.benchmarks
+                  if (m["key"], b) in self.results and self.results[(m["key"], b)].errors]
+        if raised:
+            lines += ["", "Items that raised (counted wrong; a rerun retries them), first few per benchmark:", ""]
+            for m, b, r in raised:
+                shown = "; ".join(f"`{e['id']}`: {json.dumps(e['error'][:200], ensure_ascii=False)}"
+                                  for e in r.error_examples)
+                lines.append(f"- {m['label']} / {b}: {r.errors} of {r.n} — {shown}")
         dropped = {b: r.dropped for (k, b), r in self.results.items() if r.dropped}
         if dropped:
             lines += ["", "Items removed by the benchmarks' rules (before evaluation): "
@@ -633,10 +705,11 @@ def run_eval(config: str | os.PathLike | dict, out: str | os.PathLike | None = N
             results[(entry["key"], b["name"])] = result
             print(f"{entry['key']} / {b['name']}: accuracy {100 * result.accuracy:.2f}% "
                   f"({result.correct}/{result.n}), parse failures {result.parse_failures}, "
-                  f"{result.items_per_s:.2f} items/s", flush=True)
-            if result.parse_failures:
-                for e in result.parse_failure_examples:
-                    print(f"    unparsed {e['id']}: {e['text'][:100]!r}", flush=True)
+                  f"errors {result.errors}, {result.items_per_s:.2f} items/s", flush=True)
+            for e in result.parse_failure_examples:
+                print(f"    unparsed {e['id']}: {e['text'][:100]!r}", flush=True)
+            for e in result.error_examples:
+                print(f"    raised {e['id']}: {e['error'][:200]}", flush=True)
     report = EvalReport(cfg, out, cfg["methods"], [b["name"] for b in cfg["benchmarks"]], results, command)
     report.write()
     print(f"wrote {out / 'main_table.md'} and {out / 'main_table.csv'}", flush=True)

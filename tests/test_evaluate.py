@@ -1,14 +1,25 @@
 """The evaluator: the tiny main table, resume after a crash, parse failures, fail-loud errors, the CLI."""
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from c2c.benchmarks import extract_answer, load_benchmark, write_tiny_fixtures
-from c2c.evaluate import EvaluationError, _Models, build_method, evaluate, load_config, main, read_records, run_eval
+from c2c.benchmarks import extract_answer, load_benchmark, mc_prompt, write_tiny_fixtures
+from c2c.evaluate import (
+    EvalReport,
+    EvaluationError,
+    _Models,
+    build_method,
+    evaluate,
+    load_config,
+    main,
+    read_records,
+    run_eval,
+)
 from c2c.methods import Answer, Method, ReceiverAlone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,15 +177,66 @@ def test_parse_failures_count_as_wrong_and_are_reported(tmp_path, arc):
     assert all(r["pred"] is None and r["correct"] is False for r in failed)
 
 
-def test_an_exception_names_the_item(tmp_path, arc):
+def test_an_item_that_raises_is_counted_wrong_recorded_and_reported(tmp_path, arc):
     bad = arc[5].id
     method = Scripted(fail_on={bad})
-    with pytest.raises(EvaluationError, match=f"item '{bad}' raised RuntimeError: injected failure"):
-        evaluate(method, arc, tmp_path, batch_size=4, progress=False)
-    done = read_records(tmp_path / "arc-challenge.jsonl")
-    assert bad not in {r["id"] for r in done} and len(done) % 4 == 0  # whole batches before it are kept
-    with pytest.raises(EvaluationError, match=f"'{bad}'"):  # batch 1 too
-        evaluate(Scripted(fail_on={bad}), arc, tmp_path / "b1", batch_size=1, progress=False)
+    result = evaluate(method, arc, tmp_path, batch_size=4, progress=False)
+    assert result.n == len(arc) and result.errors == 1 and result.correct == len(arc) - 1
+    assert result.accuracy == (len(arc) - 1) / len(arc)  # in the denominator, counted wrong
+    record = next(r for r in result.records if r["id"] == bad)
+    assert (record["pred"], record["correct"], record["parse_failure"]) == (None, False, False)
+    assert record["error"] == "RuntimeError: injected failure"
+    assert all(not r.get("error") and r["correct"] for r in result.records if r["id"] != bad)
+    # the batch that raised was answered again item by item: only its items were seen twice
+    twice = {i for i in method.seen if method.seen.count(i) == 2}
+    assert bad in twice and len(twice) == 4 and len(method.seen) == len(arc) + 4
+    assert result.error_examples == [{"id": bad, "error": "RuntimeError: injected failure"}]
+    assert result.summary()["errors"] == 1
+
+    cfg = load_config({"receiver": "tiny-receiver", "sharer": "tiny-sharer", "methods": ["receiver"],
+                       "benchmarks": [{"name": "arc-challenge", "source": "tiny-fixtures"}]})
+    entry = {**cfg["methods"][0], "label": "Scripted"}
+    report = EvalReport(cfg, tmp_path, [entry], ["arc-challenge"], {(entry["key"], "arc-challenge"): result})
+    assert report.rows()[0]["arc-challenge_errors"] == 1
+    table = report.markdown()
+    assert f"N={len(arc)}, parse failures 0, errors 1," in table
+    assert f"- Scripted / arc-challenge: 1 of {len(arc)} — `{bad}`: \"RuntimeError: injected failure\"" in table
+
+    # resume: the error record is not reused, the item is retried (and the file keeps one record per id)
+    again = Scripted()
+    result = evaluate(again, arc, tmp_path, batch_size=4, progress=False)
+    assert again.seen == [bad] and result.errors == 0 and result.correct == len(arc)
+    assert sorted(r["id"] for r in read_records(tmp_path / "arc-challenge.jsonl")) == sorted(i.id for i in arc)
+
+
+def many(arc, n):
+    """n items (copies of the tiny ARC items under new ids; their order of running is longest prompt first)."""
+    return [dataclasses.replace(arc[i % len(arc)], id=f"item-{i:03d}") for i in range(n)]
+
+
+def run_order(items):
+    return [i.id for i in sorted(items, key=lambda i: -len(mc_prompt(i)))]
+
+
+def test_systematic_failures_stop_the_run(tmp_path, arc):
+    # every item raises: stops once the first 20 ran (all of them when there are fewer), naming them
+    items = many(arc, 40)
+    with pytest.raises(EvaluationError, match=r"the first 20 items all raised: items \['item-.*RuntimeError: injected"):
+        evaluate(Scripted(fail_on={i.id for i in items}), items, tmp_path / "all", batch_size=8, progress=False)
+    assert len(read_records(tmp_path / "all" / "arc-challenge.jsonl")) == 24  # three batches of 8, kept
+    with pytest.raises(EvaluationError, match=f"the first {len(arc)} items all raised"):
+        evaluate(Scripted(fail_on={i.id for i in arc}), arc, tmp_path / "few", batch_size=4, progress=False)
+    # the first 19 raise, the 20th does not: not systematic by that rule (and fewer than 100 ran)
+    result = evaluate(Scripted(fail_on=set(run_order(items)[:19])), items, tmp_path / "19", batch_size=5,
+                      progress=False)
+    assert result.n == 40 and result.errors == 19
+    # more than 1% once 100 ran: 2 of 150 stop the run, 1 of 150 does not
+    items = many(arc, 150)
+    order = run_order(items)
+    with pytest.raises(EvaluationError, match=r"2 of 1\d\d items raised \(more than 1%\)"):
+        evaluate(Scripted(fail_on={order[3], order[60]}), items, tmp_path / "two", batch_size=10, progress=False)
+    result = evaluate(Scripted(fail_on={order[3]}), items, tmp_path / "one", batch_size=10, progress=False)
+    assert result.n == 150 and result.errors == 1
 
 
 def test_batched_evaluation_equals_batch_one(tmp_path, arc, tiny_receiver):
