@@ -110,6 +110,7 @@ def _is_byte_level_bpe(tokenizer) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 ALIGNMENT_STRATEGIES = ("first", "longest")
+DEFAULT_ALIGNMENT = "longest"  # where neither the caller nor a fuser's checkpoint names one
 SHARER_TEMPLATES = ("own", "receiver")
 
 

@@ -90,7 +90,7 @@ DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
     "device": "auto",  # "auto" = cuda if available, else cpu
     "fuser": None,  # C2C: {checkpoint: folder} or {random: {...}}
-    "alignment": "longest",  # token alignment for a sharer with another tokenizer
+    "alignment": None,  # token alignment for a sharer with another tokenizer; null = the fuser's (its checkpoint's)
     "scoring": "generate",  # or "logits"
     "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
     "assistant_prefix": DEFAULT_ASSISTANT_PREFIX,  # logits mode only

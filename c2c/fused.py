@@ -191,7 +191,8 @@ class C2CModel(nn.Module):
     receiver, sharers: frozen transformers causal LMs; tokenizers: theirs (both None for a model fed
     `FusedInputs` built elsewhere, e.g. from token ids); fusers: one `C2CFuser` per sharer.
     `alignment`: token alignment strategy ("first"/"longest") for sharers whose vocabulary differs
-    from the receiver's; None disables alignment (then such a sharer is an error).
+    from the receiver's; None disables alignment (then such a sharer is an error). A fuser trained with
+    another strategy (its config's `alignment`) is refused: it learned on other sharer tokens.
     """
 
     def __init__(self, receiver, receiver_tokenizer, sharers: Sequence, sharer_tokenizers: Sequence | None,
@@ -221,6 +222,12 @@ class C2CModel(nn.Module):
             if not aligner.shared_vocabulary and alignment is None:
                 raise ValueError(f"sharer {i} has a different tokenizer from the receiver and alignment is disabled; "
                                  "pass alignment='longest' or 'first'")
+            trained = fuser.config.alignment
+            if not aligner.shared_vocabulary and trained is not None and trained != aligner.strategy:
+                raise ValueError(f"sharer {i}'s fuser was trained with token alignment {trained!r}, not "
+                                 f"{alignment!r}: pass alignment={trained!r} (C2C.from_models and an eval config "
+                                 "without `alignment` use the fuser's own), or use a fuser trained with "
+                                 f"{alignment!r}")
             self.aligners.append(aligner)
 
     def train(self, mode: bool = True):

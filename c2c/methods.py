@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from c2c.align import DEFAULT_ALIGNMENT
 from c2c.benchmarks import (
     LETTERS,
     MCItem,
@@ -387,12 +388,18 @@ class C2C(Method):
 
     @classmethod
     def from_models(cls, receiver, receiver_tokenizer, sharer, sharer_tokenizer, fuser, *,
-                    alignment: str | None = "longest", **options) -> "C2C":
-        """One receiver, one sharer, one fuser (an instance, or a checkpoint folder: see ``load_fuser``)."""
+                    alignment: str | None = None, **options) -> "C2C":
+        """One receiver, one sharer, one fuser (an instance, or a checkpoint folder: see ``load_fuser``).
+
+        alignment: token alignment for a sharer with another tokenizer; None = the strategy the fuser was
+        trained with (its config's ``alignment``), else ``DEFAULT_ALIGNMENT``. Another explicit choice than
+        the fuser's is refused (``C2CModel``).
+        """
         if isinstance(fuser, (str, Path)):
             options.setdefault("fuser_name", str(fuser))
             fuser = load_fuser(fuser, receiver.config, sharer.config)
         fuser = fuser.to(device=receiver.device, dtype=receiver.dtype).eval()
+        alignment = alignment or fuser.config.alignment or DEFAULT_ALIGNMENT
         model = C2CModel(receiver, receiver_tokenizer, [sharer], [sharer_tokenizer], [fuser], alignment=alignment)
         return cls(model, **options)
 

@@ -21,6 +21,7 @@ from c2c.evaluate import (
     run_eval,
 )
 from c2c.methods import Answer, Method, ReceiverAlone
+from conftest import make_fuser
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "eval_tiny.yaml"
@@ -280,6 +281,21 @@ def test_static_cache_setting_reaches_every_method():
         assert [build_method(entry, cfg, models).static_cache for entry in cfg["methods"]] == [expected] * 4
     with pytest.raises(ValueError, match="static_cache must be one of \\['auto', True, False\\], got 'yes'"):
         load_config({**base, "static_cache": "yes"})
+
+
+def test_alignment_defaults_to_the_fusers_own(tmp_path, tiny_receiver, tiny_sharer):
+    fuser = make_fuser(tiny_receiver[0], tiny_sharer[0], alignment="first")
+    fuser.save_pretrained(tmp_path / "fuser")
+    base = {"receiver": "tiny-receiver", "sharer": "tiny-sharer", "methods": ["c2c"],
+            "fuser": {"checkpoint": str(tmp_path / "fuser")},
+            "benchmarks": [{"name": "arc-challenge", "source": "tiny-fixtures"}]}
+    cfg = load_config(base)
+    assert cfg["alignment"] is None
+    models = _Models(cfg)
+    assert build_method(cfg["methods"][0], cfg, models).describe()["alignment"] == ["first"]
+    cfg = load_config({**base, "alignment": "longest"})
+    with pytest.raises(ValueError, match="trained with token alignment 'first', not 'longest'"):
+        build_method(cfg["methods"][0], cfg, models)
 
 
 def test_cli(tmp_path, capsys):

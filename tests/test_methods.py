@@ -218,6 +218,24 @@ def test_c2c_from_our_checkpoint(items, tiny_receiver, tiny_sharer, tmp_path):
     assert [a.scores for a in loaded.answer(items[:4])] == [a.scores for a in direct.answer(items[:4])]
 
 
+def test_c2c_aligns_tokens_as_its_fuser_was_trained(tiny_receiver, tiny_sharer, tmp_path):
+    (r, rt), (s, st) = tiny_receiver, tiny_sharer
+    for trained, other in (("first", "longest"), ("longest", "first")):
+        fuser = make_fuser(r, s, seed=2, alignment=trained)
+        fuser.save_pretrained(tmp_path / trained)
+        assert C2C.from_models(r, rt, s, st, tmp_path / trained).describe()["alignment"] == [trained]  # the default
+        assert C2C.from_models(r, rt, s, st, fuser, alignment=trained).describe()["alignment"] == [trained]
+        with pytest.raises(ValueError, match=f"trained with token alignment '{trained}', not '{other}': pass "
+                                             f"alignment='{trained}'"):
+            C2C.from_models(r, rt, s, st, tmp_path / trained, alignment=other)
+        with pytest.raises(ValueError, match=f"trained with token alignment '{trained}'"):
+            C2CModel(r, rt, [s], [st], [fuser], alignment=other)
+    # a fuser that records none (untrained, or a published checkpoint): the default strategy
+    assert C2C.from_models(r, rt, s, st, make_fuser(r, s)).describe()["alignment"] == ["longest"]
+    # a shared vocabulary aligns nothing: any recorded strategy fits
+    assert C2C.from_models(r, rt, r, rt, make_fuser(r, r, alignment="first"), alignment="longest")
+
+
 def _write_published(fuser, folder):
     """Write a fuser in the published per-layer layout (inverse of c2c.checkpoint.import_published)."""
     import json
