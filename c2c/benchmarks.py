@@ -599,19 +599,21 @@ def _is_olmo_request(rec: Any) -> bool:
 
 
 def _olmo_docs(rows: list[dict], where: str) -> list[dict]:
-    """The distinct documents of a requests file, in order (repeats must be identical)."""
+    """The distinct documents of a requests file, in order (repeats must be identical). A document
+    is known by its ``id``, or by its ``index`` where it has none (MedQA)."""
     docs: dict[str, dict] = {}
     for i, row in enumerate(rows, 1):
         doc = _field(row, "doc", f"{where}:{i}")
-        key = str(_field(doc, "id", f"{where}:{i} (doc)"))
+        name = "index" if isinstance(doc, dict) and "id" not in doc and "index" in doc else "id"
+        key = str(_field(doc, name, f"{where}:{i} (doc)"))
         if key in docs and docs[key] != doc:
             raise ValueError(f"{where}:{i}: document {key!r} appears twice with different content")
         docs.setdefault(key, doc)
     return list(docs.values())
 
 
-def _olmo_doc_to_hub(doc: dict, spec: BenchmarkSpec, where: str) -> dict:
-    """An oe-eval document -> a record in the hub schema of ARC / OpenBookQA."""
+def _olmo_query(doc: dict, where: str) -> tuple[str, tuple[str, ...], str]:
+    """An oe-eval document -> (question, option texts, gold letter), read from its query."""
     query = _text(_field(doc, "query", where), "query", where)
     choices = _options(_field(doc, "choices", where), "choices", where)
     gold = _field(doc, "gold", where)
@@ -628,8 +630,14 @@ def _olmo_doc_to_hub(doc: dict, spec: BenchmarkSpec, where: str) -> dict:
             raise ValueError(f"{where}: cannot find options {list(letters)} in query {query[:80]!r}")
         body = parts[0].strip()
         choices = tuple(p.strip() for p in parts[2::2])
-    rec = {"id": doc["id"], "choices": {"text": list(choices), "label": list(letters)},
-           "answerKey": letters[gold]}
+    return body, choices, letters[gold]
+
+
+def _olmo_doc_to_hub(doc: dict, spec: BenchmarkSpec, where: str) -> dict:
+    """An oe-eval document -> a record in the hub schema of ARC / OpenBookQA."""
+    body, choices, gold = _olmo_query(doc, where)
+    letters = option_letters(len(choices))
+    rec = {"id": doc["id"], "choices": {"text": list(choices), "label": list(letters)}, "answerKey": gold}
     if spec.name == "arc-challenge":
         rec["question"] = body
     elif spec.name == "openbookqa":
