@@ -58,12 +58,22 @@ NOTEBOOKS := 01_oracle_cache_enrichment 02_layer_enrichment 03_train_fuser 04_ma
 EXECUTED := results/$(PROFILE)/notebooks
 PROFILE_INPUTS := $(if $(filter small,$(PROFILE)),models-small data-offline)
 
+# Every goal that runs or deletes a profile's files needs one known PROFILE (a params/<profile>.yaml): checked
+# before anything runs, so e.g. `make clean-results PROFILE=` can never become `rm -rf results/ figures/`.
+PROFILES := $(sort $(basename $(notdir $(wildcard params/*.yaml))))
+PROFILE_GOALS := reproduce announce clean-results $(NOTEBOOKS)
+ifneq ($(filter $(PROFILE_GOALS) results/%,$(MAKECMDGOALS)),)
+  ifneq ($(words $(PROFILE))$(filter $(PROFILE),$(PROFILES)),1$(strip $(PROFILE)))
+    $(error unknown PROFILE='$(PROFILE)': use one of $(PROFILES) (params/<profile>.yaml))
+  endif
+endif
+
 reproduce: announce $(NOTEBOOKS)
 	@echo "make reproduce: done; tables in results/$(PROFILE)/, figures in figures/$(PROFILE)/, executed notebooks in $(EXECUTED)/"
 
+# What every notebook target checks first (a prerequisite of each, so `make 03_train_fuser` checks it too).
 announce:
-	@echo "make reproduce: PROFILE=$(PROFILE) ($(PROFILE_REASON))"
-	@test -f params/$(PROFILE).yaml || { echo "unknown PROFILE=$(PROFILE): use tiny, small or paper"; exit 2; }
+	@echo "make: PROFILE=$(PROFILE) ($(PROFILE_REASON))"
 	@if [ "$(PROFILE)" = paper ]; then \
 	  [ -n "$(GPU_PRESENT)" ] || { echo "PROFILE=paper needs a CUDA GPU; use PROFILE=small (real offline models) or PROFILE=tiny"; exit 2; }; \
 	  $(PYTHON) -c "import urllib.request; urllib.request.urlopen('https://huggingface.co', timeout=10)" 2>/dev/null || \
@@ -72,12 +82,15 @@ announce:
 
 # One target per notebook (`make 03_train_fuser`), executed by papermill with the profile's parameters;
 # a finished notebook is not redone unless it, its parameters, or a notebook it reads from changed.
+# papermill writes <name>.partial.ipynb, renamed when the notebook finished and removed when it failed or was
+# interrupted (its error is printed above), so an executed notebook in $(EXECUTED) always ran to the end.
 $(NOTEBOOKS): %: $(EXECUTED)/%.ipynb
 
-$(EXECUTED)/%.ipynb: notebooks/%.ipynb params/$(PROFILE).yaml | $(STAMP) $(PROFILE_INPUTS)
+$(EXECUTED)/%.ipynb: notebooks/%.ipynb params/$(PROFILE).yaml | announce $(STAMP) $(PROFILE_INPUTS)
 	@mkdir -p $(EXECUTED)
-	$(PY) -m papermill $< $(@:.ipynb=.partial.ipynb) -f params/$(PROFILE).yaml --cwd notebooks --log-level ERROR
-	@mv $(@:.ipynb=.partial.ipynb) $@
+	@trap 'rm -f "$(@:.ipynb=.partial.ipynb)"' EXIT INT TERM; \
+	  $(PY) -m papermill $< $(@:.ipynb=.partial.ipynb) -f params/$(PROFILE).yaml --cwd notebooks --log-level ERROR && \
+	  mv $(@:.ipynb=.partial.ipynb) $@
 
 # notebooks that read what an earlier one wrote
 $(EXECUTED)/04_main_table.ipynb: $(EXECUTED)/03_train_fuser.ipynb

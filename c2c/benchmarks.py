@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -75,13 +76,16 @@ class BenchmarkItems(list):
 
     ``dropped``: rule -> number of records removed by the benchmark's rules (never by errors).
     ``source``: where the records came from (hub name or local path).
+    ``fingerprint``: SHA-256 of the records read (subject and fields of each, in order; not their paths),
+    so results computed from other data are never taken for these (``c2c.evaluate``).
     """
 
     def __init__(self, items: Iterable[MCItem] = (), dropped: dict[str, int] | None = None,
-                 source: str = ""):
+                 source: str = "", fingerprint: str | None = None):
         super().__init__(items)
         self.dropped: dict[str, int] = dict(dropped or {})
         self.source = source
+        self.fingerprint = fingerprint
 
 
 def option_letters(n: int) -> str:
@@ -807,7 +811,9 @@ def load_benchmark(name: str, source: str | os.PathLike | None = None, *,
                           "correct_answer and were dropped", stacklevel=2)
     if limit is not None:
         items = _round_robin(items, limit)
-    return BenchmarkItems(items, dict(dropped), origin)
+    fingerprint = hashlib.sha256(json.dumps([[subject, rec] for subject, _, rec in records], sort_keys=True,
+                                            ensure_ascii=False, default=str).encode()).hexdigest()
+    return BenchmarkItems(items, dict(dropped), origin, fingerprint)
 
 
 # --------------------------------------------------------------------------- offline copies

@@ -11,12 +11,15 @@ as torch state dicts with per-layer keys; `import_published` maps them onto the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from c2c.fingerprint import check_finite
 from c2c.fuser import C2CFuser, FuserConfig
 
 FORMAT = "c2c-fuser/1"
@@ -45,9 +48,32 @@ def _check_state_dict(fuser: C2CFuser, state: dict[str, torch.Tensor], source: s
         raise ValueError(f"{source} does not match its fuser_config.json: " + "; ".join(problems[:10]))
 
 
+def read_fuser_config(path: str | Path) -> FuserConfig:
+    """The FuserConfig of a `fuser_config.json`; a malformed file, unknown or missing keys or bad values raise
+    a ValueError naming the file and the fix."""
+    path = Path(path)
+    fix = f"re-save the fuser (save_fuser) or retrain it, or restore {path} from a good copy"
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); {fix}") from None
+    if not isinstance(raw, dict) or raw.pop("format", None) != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} fuser config (no \"format\": \"{FORMAT}\"); {fix}")
+    known = {f.name for f in dataclasses.fields(FuserConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown} (written by another version?); known: {sorted(known)}; {fix}")
+    try:
+        return FuserConfig(**raw)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}; {fix}") from None
+
+
 def load_fuser(folder: str | Path, receiver_config=None, sharer_config=None, *, dtype: torch.dtype | None = None,
                device=None) -> C2CFuser:
-    """Load a fuser saved by `save_fuser`; with model configs given, check it fits that pair first."""
+    """Load a fuser saved by `save_fuser`; with model configs given, check it fits that pair first.
+
+    A damaged weights file (truncated, or values that are NaN/inf) raises naming the file."""
     folder = Path(folder)
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not config_path.exists():
@@ -56,15 +82,18 @@ def load_fuser(folder: str | Path, receiver_config=None, sharer_config=None, *, 
         raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}{hint}")
     if not weights_path.exists():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder}")
-    raw = json.loads(config_path.read_text())
-    if raw.pop("format", None) != FORMAT:
-        raise ValueError(f"{config_path} is not a {FORMAT} fuser config")
-    config = FuserConfig(**raw)
+    config = read_fuser_config(config_path)
     if receiver_config is not None and sharer_config is not None:
         config.check_fits(receiver_config, sharer_config)
     with torch.device("meta"):
         fuser = C2CFuser(config)
-    state = load_file(weights_path)
+    fix = "the file is damaged (e.g. a copy cut short); re-save or retrain the fuser, or copy it again"
+    try:
+        state = load_file(weights_path)
+    except SafetensorError as error:
+        raise ValueError(f"cannot read {weights_path} ({error}): {fix}") from None
+    for name, tensor in state.items():
+        check_finite(tensor, f"{weights_path} tensor {name!r}", fix)
     _check_state_dict(fuser, state, str(weights_path))
     fuser.load_state_dict(state, assign=True)
     fuser.register_index_buffers()

@@ -53,9 +53,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
+from c2c.align import ALIGNMENT_STRATEGIES
 from c2c.benchmarks import MCItem, get_benchmark, load_benchmark, mc_prompt
+from c2c.checkpoint import CONFIG_NAME, read_fuser_config
+from c2c.fingerprint import code_version
+from c2c.jsonl import read_jsonl
+from c2c.locks import FolderInUseError, folder_lock
 from c2c.methods import (
     C2C,
     DEFAULT_ASSISTANT_PREFIX,
@@ -71,6 +77,12 @@ from c2c.methods import (
 )
 
 log = logging.getLogger(__name__)
+
+# The code that determines an answer (prompts, answer extraction, letter scoring, the decode engine,
+# token alignment, the fuser): a change to it makes cached records stale (``code_version``)
+EVAL_CODE = ("c2c.benchmarks", "c2c.methods", "c2c.fused", "c2c.align", "c2c.fuser")
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 BENCHMARK_TITLES = {"mmlu-redux": "MMLU-Redux", "arc-challenge": "ARC-C", "openbookqa": "OpenBookQA",
                     "ceval": "C-Eval", "mmlu": "MMLU"}
@@ -172,27 +184,12 @@ class BenchmarkResult:
 
 def read_records(path: Path) -> list[dict]:
     """The records of a results file. A torn last line (a crash mid-write) is dropped from the file."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(data) - cut)
-        with path.open("r+b") as f:
-            f.truncate(cut)
-        data = data[:cut]
-    records, seen = [], set()
-    for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: corrupt results line ({e}); delete the file to redo it") from None
+    records, seen = read_jsonl(path, repair=True), set()
+    for number, record in enumerate(records, 1):
         if record["id"] in seen:
-            raise ValueError(f"{path}:{lineno}: item {record['id']!r} appears twice")
+            raise ValueError(f"{path}: item {record['id']!r} appears twice (record {number}); delete the file to "
+                             "redo it")
         seen.add(record["id"])
-        records.append(record)
     return records
 
 
@@ -203,16 +200,54 @@ def _append(path: Path, records: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
+def _flat(meta: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    out = {}
+    for k, v in meta.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _short(value):
+    return [_short(v) for v in value] if isinstance(value, list) else value[:12] if isinstance(value, str) else value
+
+
+def _what_changed(key: str, old, new) -> str:
+    """One line of the refusal: which fingerprint or setting differs, and what that means."""
+    if not key.startswith("fingerprints."):
+        return f"{key}: was {old!r}, now {new!r}"
+    part = key.split(".", 1)[1]
+    if part == "code":
+        meaning = f"the prompt/scoring code changed ({', '.join(EVAL_CODE)})"
+    elif part == "data":
+        meaning = "the benchmark's records changed"
+    elif part.endswith(("tokenizer", "tokenizers")):
+        meaning = f"the {part.replace('_', ' ')} changed"
+    elif part == "fusers":
+        meaning = "the fuser's weights or config changed (e.g. retrained in place)"
+    else:  # model, receiver, sharer, sharers
+        model = "model" if part == "model" else part.rstrip("s") + " model"
+        meaning = f"the {model}'s config, weights or dtype changed"
+    return f"{meaning} ({key} was {_short(old)}, now {_short(new)})"
+
+
 def _check_meta(path: Path, meta: dict, records_path: Path) -> None:
-    """Write the provenance of a results file, or check that an existing one matches."""
+    """Write the provenance of a results file, or check that an existing one matches (else refuse, saying
+    what changed: a setting, or the content fingerprint of a model, tokenizer, fuser, the data or the code)."""
     meta = json.loads(json.dumps(meta))  # normalised (tuples -> lists)
     if path.exists():
         old = json.loads(path.read_text())
         if old != meta:
-            diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
-            detail = "; ".join(f"{k}: was {old.get(k)!r}, now {meta.get(k)!r}" for k in diff)
-            raise ValueError(f"{records_path} holds results of a different setup ({detail}). Use another "
-                             f"output folder, or delete {records_path} and {path} to redo them.")
+            if "fingerprints" not in old:
+                detail = "they were recorded without content fingerprints (by an older version), so what they " \
+                         "were computed from is unknown"
+            else:
+                flat_old, flat_new = _flat(old), _flat(meta)
+                diff = sorted(k for k in set(flat_old) | set(flat_new) if flat_old.get(k) != flat_new.get(k))
+                detail = "; ".join(_what_changed(k, flat_old.get(k), flat_new.get(k)) for k in diff)
+            raise ValueError(f"{records_path} holds results of a different setup: {detail}. Nothing is mixed in: "
+                             f"evaluate into a fresh output folder (--out / run_eval(out=...)), or delete "
+                             f"{records_path} and {path} to redo these items here.")
     elif records_path.exists() and records_path.stat().st_size:
         raise ValueError(f"{records_path} exists without {path.name}: its setup is unknown; delete it to redo it")
     else:
@@ -300,21 +335,31 @@ def evaluate(method: Method, items: Sequence[MCItem], folder: str | os.PathLike,
     the items (``FIRST_ITEMS_ALL_FAILED``, ``MAX_ERROR_FRACTION``); what was done before is kept.
     source: where the items came from (default ``{"name": benchmark}``); together with the method's
     ``describe()`` it is saved next to the records and must match on resume (the item count may change:
-    a larger ``limit`` resumes and extends a smaller one).
+    a larger ``limit`` resumes and extends a smaller one). Records are reused only under the same
+    content fingerprints (``c2c.fingerprint``): the method's models, tokenizers and fusers, the data
+    (``items.fingerprint`` of a ``BenchmarkItems``) and the code in ``EVAL_CODE``; else the run refuses,
+    saying what changed. ``folder`` is locked while this runs (``c2c.locks``).
     """
-    items = list(items)
+    with folder_lock(folder, "evaluation"):
+        return _evaluate_locked(method, items, Path(folder), benchmark=benchmark, key=key, batch_size=batch_size,
+                                progress=progress, source=source, dropped=dropped)
+
+
+def _evaluate_locked(method: Method, items_given: Sequence[MCItem], folder: Path, *, benchmark, key, batch_size,
+                     progress, source, dropped) -> BenchmarkResult:
+    items = list(items_given)
     if not items:
         raise ValueError("evaluate() got no items")
     benchmark = benchmark or items[0].benchmark
     key = key or method.name
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     records_path = folder / f"{benchmark}.jsonl"
     ids = [i.id for i in items]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{benchmark}: duplicate item ids in the items to evaluate")
-    _check_meta(folder / f"{benchmark}.meta.json",
-                {"method": method.describe(), "benchmark": source or {"name": benchmark}}, records_path)
+    fingerprints = {"code": code_version(*EVAL_CODE), "data": getattr(items_given, "fingerprint", None),
+                    **method.fingerprints()}
+    _check_meta(folder / f"{benchmark}.meta.json", {"method": method.describe(), "benchmark": source or
+                                                    {"name": benchmark}, "fingerprints": fingerprints}, records_path)
 
     done = {r["id"]: r for r in _drop_error_records(records_path, read_records(records_path))}
     by_id = {i.id: i for i in items}
@@ -370,6 +415,8 @@ def load_config(config: str | os.PathLike | dict) -> dict:
         raise ValueError(f"unknown config keys {unknown}; known: {', '.join(DEFAULTS)}")
     cfg = {**DEFAULTS, **raw}
     cfg["name"] = cfg["name"] or "eval"
+    _check_values(cfg, "")
+    _check_settings(cfg)
     if cfg["scoring"] not in SCORING_MODES:
         raise ValueError(f"scoring must be one of {SCORING_MODES}, got {cfg['scoring']!r}")
     if not (cfg["static_cache"] == "auto" or isinstance(cfg["static_cache"], bool)):
@@ -383,6 +430,51 @@ def load_config(config: str | os.PathLike | dict) -> dict:
     if len(set(names)) != len(names):
         raise ValueError(f"a benchmark is listed twice: {names}")
     return cfg
+
+
+def _check_values(values: dict, where: str) -> None:
+    """Types and ranges of the per-method settings (top level or one method entry), naming the key."""
+    for key in ("batch_size", "max_new_tokens", "sharer_max_new_tokens", "limit"):
+        value = values.get(key)
+        if value is None and key == "limit":
+            continue
+        if key in values and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"config key {where}{key!r} must be a positive integer"
+                             + (" or null" if key == "limit" else "") + f", got {value!r}")
+    if "assistant_prefix" in values and not isinstance(values["assistant_prefix"], str):
+        raise ValueError(f"config key {where}'assistant_prefix' must be a string, got {values['assistant_prefix']!r}")
+
+
+def _check_settings(cfg: dict) -> None:
+    """The run-wide keys: model sources, dtype, device, alignment, fuser spec (before any model loads)."""
+    for key in ("name", "receiver", "sharer", "output"):
+        if cfg[key] is not None and (not isinstance(cfg[key], (str, os.PathLike)) or not str(cfg[key])):
+            raise ValueError(f"config key {key!r} must be a non-empty string, got {cfg[key]!r}")
+    if cfg["dtype"] not in DTYPES:
+        raise ValueError(f"config key 'dtype' must be one of {list(DTYPES)}, got {cfg['dtype']!r}")
+    device = cfg["device"]
+    if device != "auto":
+        try:
+            kind = torch.device(device).type if isinstance(device, str) else None
+        except RuntimeError:
+            kind = None
+        if kind not in DEVICE_TYPES:
+            raise ValueError(f"config key 'device' must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"config key 'device' is {device!r}, but torch sees no CUDA device here; "
+                             "use device: auto (CUDA where present, else CPU) or cpu")
+    alignment = cfg["alignment"]
+    if alignment is not None and (not isinstance(alignment, str) or alignment not in ALIGNMENT_STRATEGIES):
+        raise ValueError(f"config key 'alignment' must be one of {list(ALIGNMENT_STRATEGIES)} or null, got "
+                         f"{alignment!r}")
+    spec = cfg["fuser"]
+    if spec is not None:
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in ("checkpoint", "random"):
+            raise ValueError(f"config key 'fuser' must be {{checkpoint: folder}} or {{random: {{...}}}}, got {spec!r}")
+        if "checkpoint" in spec and not isinstance(spec["checkpoint"], (str, os.PathLike)):
+            raise ValueError(f"config key 'fuser.checkpoint' must be a folder, got {spec['checkpoint']!r}")
+        if "random" in spec and not isinstance(spec["random"] or {}, dict):
+            raise ValueError(f"config key 'fuser.random' must be a mapping of options, got {spec['random']!r}")
 
 
 def _as_list(value, what: str) -> list:
@@ -405,6 +497,7 @@ def _entry(entry, known: set[str], kind: str) -> dict:
 def _method_entry(entry, cfg: dict) -> dict:
     entry = _entry(entry, METHOD_KEYS, "method")
     name = entry.get("name")
+    _check_values(entry, f"methods[{name}].")
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
     out = {"name": name}
@@ -427,6 +520,7 @@ def _method_entry(entry, cfg: dict) -> dict:
 def _benchmark_entry(entry, cfg: dict) -> dict:
     entry = _entry(entry, BENCHMARK_KEYS, "benchmark")
     get_benchmark(entry.get("name"))  # ValueError listing the known ones
+    _check_values(entry, f"benchmarks[{entry['name']}].")
     return {"name": entry["name"], "source": entry.get("source"), "split": entry.get("split"),
             "limit": entry.get("limit", cfg["limit"]), "subjects": entry.get("subjects")}
 
@@ -478,13 +572,42 @@ class _Models:
         return self._loaded[role]
 
 
+def _check_fuser_checkpoint(cfg: dict) -> None:
+    """A C2C run's fuser checkpoint: there, and (ours) with a readable config, checked before any model loads."""
+    spec = cfg["fuser"]
+    if not any(m["name"] == "c2c" for m in cfg["methods"]) or "checkpoint" not in spec:
+        return
+    folder = Path(spec["checkpoint"]).expanduser()
+    if (folder / CONFIG_NAME).is_file():
+        read_fuser_config(folder / CONFIG_NAME)
+    elif not (folder / "projector_config.json").is_file():
+        raise FileNotFoundError(f"fuser checkpoint {str(folder)!r} holds neither {CONFIG_NAME} (ours) nor "
+                                "projector_config.json (a published one); train one (c2c.train) or fix "
+                                "fuser.checkpoint")
+
+
+def warn_if_trained_for_other_models(fuser, cfg: dict) -> None:
+    """Warn (not refuse) when a fuser's recorded model names differ from the config's.
+
+    The shapes, layer counts and vocabulary sizes are checked strictly when it loads (``check_fits``),
+    so a fuser that gets here fits the pair; names are only a hint, since one model has many names
+    (``offline:x``, its converted folder, a copied folder, a hub id and its cache snapshot).
+    """
+    for role in ("receiver", "sharer"):
+        recorded = getattr(fuser.config, role, None)
+        if recorded and str(recorded) != str(cfg[role]):
+            log.warning("the fuser was trained with %s %r, this run's %s is %r: the shapes fit, so it is used; "
+                        "if these are not the same model, use a fuser trained for this pair", role, recorded,
+                        role, cfg[role])
+
+
 def _fuser(cfg: dict, receiver, sharer):
     spec = cfg["fuser"]
-    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in ("checkpoint", "random"):
-        raise ValueError(f"fuser must be {{checkpoint: folder}} or {{random: {{...}}}}, got {spec!r}")
     if "checkpoint" in spec:
         folder = str(spec["checkpoint"])
-        return load_fuser(folder, receiver.config, sharer.config, dtype=receiver.dtype), f"checkpoint:{folder}"
+        fuser = load_fuser(folder, receiver.config, sharer.config, dtype=receiver.dtype)
+        warn_if_trained_for_other_models(fuser, cfg)
+        return fuser, f"checkpoint:{folder}"
     from c2c.fuser import random_fuser
 
     fuser = random_fuser(receiver.config, sharer.config, **(spec["random"] or {}))
@@ -680,8 +803,14 @@ def run_eval(config: str | os.PathLike | dict, out: str | os.PathLike | None = N
     cfg["output"] = str(out)
     out.mkdir(parents=True, exist_ok=True)
     command = command or "run_eval(" + repr(str(config) if not isinstance(config, dict) else "<dict>") + ")"
+    with folder_lock(out, "evaluation"):  # one run per folder (FolderInUseError names the other's pid)
+        return _run_locked(cfg, out, command, progress)
 
-    # 1. every benchmark, before any model (missing files and bad records fail fast)
+
+def _run_locked(cfg: dict, out: Path, command: str, progress: bool) -> EvalReport:
+    """``run_eval`` once its config is checked and its run folder locked."""
+    # 1. every benchmark and the fuser's config, before any model (missing files and bad records fail fast)
+    _check_fuser_checkpoint(cfg)
     loaded = {}
     for b in cfg["benchmarks"]:
         source = resolve_source(b["source"], b["name"], out)
@@ -734,7 +863,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  batch_size=args.batch_size, scoring=args.scoring,
                  methods=args.methods.split(",") if args.methods else None,
                  benchmarks=args.benchmarks.split(",") if args.benchmarks else None)
-    except (EvaluationError, ValueError, FileNotFoundError) as e:
+    except (EvaluationError, ValueError, FileNotFoundError, FolderInUseError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -5,7 +5,9 @@ caches) is keyed by these, never by names or paths:
 
 * ``file_sha256(path)``: a file's SHA-256, memoised in a hidden sidecar next to it
   (``.<name>.c2c-sha256``, or under ``cache_dir()/sha256`` when the folder is read-only) and reused
-  while the file's size and mtime_ns are unchanged;
+  while the file's size and mtime_ns are unchanged. As in git's "racily clean" rule, a memo taken
+  less than ``RACY_NS`` after the file's mtime is not trusted (a write within the same clock tick
+  would keep the mtime), so such a file is hashed again next time;
 * ``paths_sha256(paths)``: one hash over files and folders (their non-hidden files, recursively);
 * ``model_fingerprint(model)``: a transformers model's config, weights and dtypes. A model loaded from
   a folder of safetensors and not changed in place since (every tensor's ``_version`` is 0) is hashed
@@ -29,6 +31,7 @@ import importlib
 import inspect
 import json
 import os
+import time
 import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -40,6 +43,7 @@ from c2c.paths import cache_dir
 
 CHUNK = 1 << 20  # 1 MiB reads
 SIDECAR_SUFFIX = ".c2c-sha256"  # hidden sidecar `.<name>.c2c-sha256` next to a hashed file
+RACY_NS = 2_000_000_000  # a memo is trusted only if taken this long after the file's mtime (coarse clocks, FAT)
 
 
 # --------------------------------------------------------------------------- files
@@ -60,7 +64,8 @@ def _read_memo(record: Path, path: Path, stat: os.stat_result) -> str | None:
     except (OSError, ValueError):
         return None
     if (isinstance(memo, dict) and memo.get("path") == str(path) and memo.get("size") == stat.st_size
-            and memo.get("mtime_ns") == stat.st_mtime_ns and isinstance(memo.get("sha256"), str)):
+            and memo.get("mtime_ns") == stat.st_mtime_ns and isinstance(memo.get("sha256"), str)
+            and memo.get("hashed_at_ns", 0) - stat.st_mtime_ns >= RACY_NS):
         return memo["sha256"]
     return None
 
@@ -95,11 +100,13 @@ def file_sha256(path: str | os.PathLike) -> str:
         sha = _read_memo(record, path, stat)
         if sha is not None:
             return sha
+    hashed_at = time.time_ns()
     sha = sha256_of_file(path)
     after = path.stat()
     if (after.st_size, after.st_mtime_ns) != (stat.st_size, stat.st_mtime_ns):
         raise RuntimeError(f"{path} changed while it was being hashed; retry when nothing writes to it")
-    memo = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha}
+    memo = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "hashed_at_ns": hashed_at,
+            "sha256": sha}
     try:
         _write_memo(_sidecar(path), memo)
     except OSError:  # read-only folder: keep the memo in the cache folder

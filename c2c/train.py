@@ -27,7 +27,14 @@ Run folder (`output_dir`):
     final/                   the final fuser (save_pretrained)
 A run whose folder holds checkpoints resumes from the latest one (`resume: true`), exactly: the
 data order is a function of (seed, epoch) and every RNG state is restored, so on CPU a resumed
-run ends with bit-identical weights to an uninterrupted one.
+run ends with bit-identical weights to an uninterrupted one. A latest checkpoint that is incomplete
+or damaged is skipped with a warning (the one before it is used); a torn last line of log.jsonl (a
+crash mid-write) is dropped with a warning.
+
+Nothing stale: a run's checkpoints and its finished fuser are reused only by the same config and the
+same training code (`code_version` of `TRAIN_CODE`, recorded in each checkpoint and in
+`final/training_run.json`); otherwise the run refuses and says what to delete. The output folder is
+locked while a run writes it (`c2c.locks`: a second run on it refuses, naming the first's pid).
 """
 
 from __future__ import annotations
@@ -36,8 +43,10 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -54,6 +63,7 @@ import yaml
 from torch import nn
 
 from c2c.align import LAYER_MAP_STRATEGIES, layer_map
+from c2c.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_fuser_config
 from c2c.data import (
     DROP_REASONS,
     TrainBatch,
@@ -66,8 +76,16 @@ from c2c.data import (
     split_indices,
 )
 from c2c.fused import C2CModel, FusedInputs, SharerInputs, sharer_prefix_length
+from c2c.fingerprint import code_version
 from c2c.fuser import C2CFuser, FuserConfig
+from c2c.jsonl import read_jsonl
+from c2c.locks import LOCK_NAME, folder_lock
 from c2c.paths import cache_dir
+
+logger = logging.getLogger(__name__)
+# the code that determines what a run computes; a change makes its checkpoints and final fuser stale
+TRAIN_CODE = ("c2c.train", "c2c.fuser", "c2c.fused", "c2c.data", "c2c.align", "c2c.models")
+RUN_RECORD = "training_run.json"  # in final/: the training code version that produced it
 from c2c.prefixes import PrefixStore
 
 # ---------------------------------------------------------------------------------------------
@@ -494,13 +512,58 @@ STATE_NAME = "training_state.pt"
 
 
 def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints of a run folder, oldest first."""
+    """Checkpoint folders of a run folder, oldest first (complete or not: see `checkpoint_problem`)."""
     folder = Path(output_dir)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir()
-             if (m := CHECKPOINT_PATTERN.match(p.name)) and (p / STATE_NAME).exists()]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
+
+
+def checkpoint_problem(folder: Path, processes: int) -> str | None:
+    """Why a run cannot resume from this checkpoint (a missing file, an unreadable weights file or fuser
+    config), or None if it can."""
+    from safetensors import SafetensorError, safe_open
+
+    for name in (CONFIG_NAME, WEIGHTS_NAME, STATE_NAME, *(f"rng_state_{r}.pt" for r in range(processes))):
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+    try:
+        with safe_open(str(folder / WEIGHTS_NAME), "pt"):
+            pass
+    except SafetensorError as error:
+        return f"{WEIGHTS_NAME} is damaged ({error})"
+    try:
+        read_fuser_config(folder / CONFIG_NAME)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _latest_good_checkpoint(out: Path, processes: int) -> Path | None:
+    """The newest checkpoint a run can resume from; newer broken ones are skipped with a warning."""
+    found = checkpoints(out)
+    for folder in reversed(found):
+        problem = checkpoint_problem(folder, processes)
+        if problem is None:
+            return folder
+        logger.warning("cannot resume from %s (%s); falling back to the checkpoint before it", folder, problem)
+    if found:
+        logger.warning("no usable checkpoint in %s: training starts again from step 0", out)
+    return None
+
+
+def _check_finished_run(final: Path, version: str) -> None:
+    """A finished run is reused only if the same training code produced it."""
+    try:
+        recorded = json.loads((final / RUN_RECORD).read_text()).get("code_version")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded != version:
+        how = ("without a record of its training code (by an older version)" if recorded is None else
+               f"by other training code (code version {recorded}, now {version}: {', '.join(TRAIN_CODE)})")
+        raise ValueError(f"{final.parent} holds a run finished {how}, so its fuser may not be what this code "
+                         f"trains. Delete {final.parent} to retrain it, or use another output_dir.")
 
 
 def _rng_state() -> dict:
@@ -527,16 +590,15 @@ def _seed_everything(seed: int, rank: int) -> None:
 
 def _check_checkpoint_pair(folder: Path, receiver, sharer, config: TrainConfig) -> None:
     """The checkpoint's fuser must be for this receiver/sharer pair."""
-    path = folder / "fuser_config.json"
+    path = folder / CONFIG_NAME
     if not path.exists():
-        raise FileNotFoundError(f"{folder} is not a training checkpoint (no fuser_config.json)")
-    recorded = json.loads(path.read_text())
-    recorded.pop("format", None)
+        raise FileNotFoundError(f"{folder} is not a training checkpoint (no {CONFIG_NAME})")
+    recorded = read_fuser_config(path)
     try:
-        FuserConfig(**recorded).check_fits(receiver.config, sharer.config)
+        recorded.check_fits(receiver.config, sharer.config)
     except ValueError as error:
-        raise ValueError(f"cannot resume from {folder}: it was trained for receiver {recorded.get('receiver')!r} <- "
-                         f"sharer {recorded.get('sharer')!r}, this run is receiver {config.receiver!r} <- sharer "
+        raise ValueError(f"cannot resume from {folder}: it was trained for receiver {recorded.receiver!r} <- "
+                         f"sharer {recorded.sharer!r}, this run is receiver {config.receiver!r} <- sharer "
                          f"{config.sharer!r} ({error})") from None
 
 
@@ -593,7 +655,7 @@ def _prepare_run_folder(out: Path, config: TrainConfig) -> None:
         if not config.resume and (checkpoints(out) or (out / "final").exists()):
             raise ValueError(f"output folder {out} already holds checkpoints of this run and resume is false; "
                              "set resume: true to continue it, or use another output_dir")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
         raise ValueError(f"output folder {out} is not empty and holds no training run (no config.yaml); "
                          "use an empty or new output_dir")
     out.mkdir(parents=True, exist_ok=True)
@@ -601,8 +663,12 @@ def _prepare_run_folder(out: Path, config: TrainConfig) -> None:
 
 
 def read_log(run: str | os.PathLike) -> list[dict]:
-    """The records of a run's log.jsonl (evaluations are those with "eval_loss"; step 0 = gates closed)."""
-    return [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines() if line.strip()]
+    """The records of a run's log.jsonl (evaluations are those with "eval_loss"; step 0 = gates closed).
+    A torn last line (a run killed mid-write) is left out with a warning."""
+    path = Path(run) / "log.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {run} holds no training run (yet)")
+    return read_jsonl(path, fix=f"delete {path} (it is rewritten from the last checkpoint on resume)")
 
 
 class _Log:
@@ -615,9 +681,9 @@ class _Log:
         if resume_step is None:
             path.write_text("")
         elif path.exists():
-            kept = [line for line in path.read_text().splitlines() if line.strip()
-                    and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [record for record in read_jsonl(path, fix=f"delete {path} to resume without the old log")
+                    if record["step"] <= resume_step]
+            path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -634,6 +700,14 @@ def train(config: "str | os.PathLike | dict | TrainConfig", *, overrides: dict |
     "fuser", "model" (the C2CModel) and "optimizer".
     """
     config = load_config(config, overrides)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # accelerate / torchrun set RANK; one process: 0
+    with folder_lock(config.output_dir, "training run") if main_process else contextlib.nullcontext():
+        return _train(config, on_step)
+
+
+def _train(config: TrainConfig, on_step: Callable[[int, dict], None] | None) -> Path:
+    """`train` once the config is checked and (main process) the output folder is locked."""
+    version = code_version(*TRAIN_CODE)
     if config.precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "fp32"
     else:
@@ -646,6 +720,7 @@ def train(config: "str | os.PathLike | dict | TrainConfig", *, overrides: dict |
     accelerator.wait_for_everyone()
     final = out / "final"
     if (final / "fuser_config.json").exists() and config.resume_from is None:
+        _check_finished_run(final, version)
         if main:
             print(f"c2c.train: {out} already holds the finished run; final fuser in {final}")
         return final
@@ -729,18 +804,31 @@ def train(config: "str | os.PathLike | dict | TrainConfig", *, overrides: dict |
     # ---- resume --------------------------------------------------------------------------------
     if config.resume_from:
         resume_from = Path(config.resume_from)
-    elif config.resume and checkpoints(out):
-        resume_from = checkpoints(out)[-1]
+        problem = checkpoint_problem(resume_from, world)
+        if problem:
+            raise ValueError(f"cannot resume from {resume_from}: {problem}; choose another checkpoint in "
+                             "resume_from, or set it to null to resume from the latest good one")
+    elif config.resume:
+        resume_from = _latest_good_checkpoint(out, world)
     else:
         resume_from = None
     step, window_loss, window_tokens = 0, torch.zeros((), device=device), 0
     if resume_from is not None:
         _check_checkpoint_pair(resume_from, receiver, sharer, config)
-        state = torch.load(resume_from / STATE_NAME, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(resume_from / STATE_NAME, map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+            raise ValueError(f"{resume_from / STATE_NAME} is damaged ({error}); delete {resume_from} to resume from "
+                             "the checkpoint before it") from None
         diff = _differences(state["config"], run_fields(config))
         if diff:
             raise ValueError(f"cannot resume from {resume_from}: it belongs to a run with another config "
                              f"({'; '.join(diff)})")
+        if state.get("code_version") != version:
+            raise ValueError(f"cannot resume from {resume_from}: it was written by other training code (code "
+                             f"version {state.get('code_version')}, now {version}: {', '.join(TRAIN_CODE)}); one "
+                             f"run's steps come from one version of the code. Delete {out} to retrain, or use "
+                             "another output_dir.")
         if state["processes"] != world:
             raise ValueError(f"cannot resume exactly from {resume_from}: it was saved by {state['processes']} "
                              f"processes, this run has {world} (the data order depends on the global batch)")
@@ -802,8 +890,10 @@ def train(config: "str | os.PathLike | dict | TrainConfig", *, overrides: dict |
             if not final_save:
                 torch.save({"step": step, "epoch": step // steps_per_epoch, "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "window_tokens": window_tokens,
-                            "config": run_fields(config), "processes": world,
+                            "config": run_fields(config), "processes": world, "code_version": version,
                             "data_fingerprint": data.fingerprint()}, tmp / STATE_NAME)
+            else:
+                (tmp / RUN_RECORD).write_text(json.dumps({"code_version": version, "modules": list(TRAIN_CODE)}) + "\n")
         accelerator.wait_for_everyone()
         if main:
             shutil.rmtree(target, ignore_errors=True)

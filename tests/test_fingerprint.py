@@ -40,14 +40,20 @@ def _no_hashing(monkeypatch):
 def test_file_sha256_is_memoised_beside_the_file_and_redone_when_it_changes(tmp_path, monkeypatch, own_cache):
     path = tmp_path / "data.bin"
     path.write_bytes(b"abc" * 1000)
+    written = path.stat().st_mtime_ns
     assert file_sha256(path) == hashlib.sha256(b"abc" * 1000).hexdigest()
     assert (tmp_path / ".data.bin.c2c-sha256").is_file()
+    path.write_bytes(b"abz" * 1000)  # rewritten within the same clock tick: same size, same mtime
+    os.utime(path, ns=(written, written))
+    assert file_sha256(path) == hashlib.sha256(b"abz" * 1000).hexdigest()  # a memo that young is not trusted
+    old = written - 10 * 10**9
+    os.utime(path, ns=(old, old))  # a file last written 10 s ago
+    assert file_sha256(path) == hashlib.sha256(b"abz" * 1000).hexdigest()
     with monkeypatch.context() as m:
         _no_hashing(m)
-        assert file_sha256(path) == hashlib.sha256(b"abc" * 1000).hexdigest()  # from the sidecar
-    stat = path.stat()
+        assert file_sha256(path) == hashlib.sha256(b"abz" * 1000).hexdigest()  # from the sidecar
     path.write_bytes(b"abd" * 1000)  # same size, other bytes, later mtime
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    os.utime(path, ns=(old + 1_000_000, old + 1_000_000))
     assert file_sha256(path) == hashlib.sha256(b"abd" * 1000).hexdigest()
 
 
@@ -55,6 +61,7 @@ def test_file_sha256_keeps_its_memo_in_the_cache_folder_when_the_folder_is_read_
                                                                                     own_cache):
     path = tmp_path / "data.bin"
     path.write_bytes(b"xyz")
+    os.utime(path, ns=(path.stat().st_mtime_ns - 10 * 10**9,) * 2)
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     monkeypatch.setattr(fp, "_sidecar", lambda p: blocker / "sidecar")  # writing there fails (OSError)

@@ -9,8 +9,9 @@ from c2c.align import shares_vocabulary
 from c2c.models import build_tiny_model, load_model
 
 
-def folder_digest(folder):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+def folder_digest(folder):  # hidden files are SHA-256 memos (c2c.fingerprint), not part of the build
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+            if not p.name.startswith(".")}
 
 
 def test_tiny_pair_is_deterministic(tmp_path):
