@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from c2c.align import TokenAligner, layer_map as make_layer_map
-from c2c.fused import collate, position_ids
+from c2c.fused import collate, kv_cache, prefix_cache
 
 # --------------------------------------------------------------------------- keys of both models
 
@@ -68,20 +68,17 @@ def collect_keys(receiver, receiver_tokenizer, sharer, sharer_tokenizer, chats: 
                    for c in chats[start:start + batch_size]]
         inputs = collate(aligned, _pad_id(receiver_tokenizer), [_pad_id(sharer_tokenizer)])
         s_in = inputs.sharers[0]
-        r_cache = receiver(input_ids=inputs.input_ids.to(receiver.device),
-                           attention_mask=inputs.attention_mask.to(receiver.device),
-                           position_ids=position_ids(inputs.attention_mask).to(receiver.device),
-                           use_cache=True, logits_to_keep=1).cache
-        s_cache = sharer(input_ids=s_in.input_ids.to(sharer.device),
-                         attention_mask=s_in.attention_mask.to(sharer.device),
-                         position_ids=position_ids(s_in.attention_mask).to(sharer.device),
-                         use_cache=True, logits_to_keep=1).cache
-        keep = (s_in.fuse_mask & inputs.attention_mask.bool())  # (B, Nr) aligned message tokens
+        # the positions a fuser reads: every prompt token but the last (c2c.fused.C2CModel.prefill)
+        r_cache = prefix_cache(receiver, inputs.input_ids.to(receiver.device), inputs.attention_mask.to(receiver.device))
+        s_cache = kv_cache(sharer, s_in.input_ids.to(sharer.device), s_in.attention_mask.to(sharer.device))
+        n = inputs.input_ids.shape[1] - 1
+        keep = (s_in.fuse_mask & inputs.attention_mask.bool())[:, :n]  # (B, n) aligned message tokens
+        index = s_in.index[:, :n]  # (B, n)
         for t in layers:
-            r = getattr(r_cache.layers[t], kind).float().cpu()  # (B, Hr, Nr, Dr)
+            r = getattr(r_cache.layers[t], kind).float().cpu()  # (B, Hr, n, Dr)
             s = getattr(s_cache.layers[mapping[t]], kind).float().cpu()  # (B, Hs, Ns, Ds)
             B, Hs, _, Ds = s.shape
-            s = s.gather(2, s_in.index.view(B, 1, -1, 1).expand(B, Hs, s_in.index.shape[1], Ds))  # (B, Hs, Nr, Ds)
+            s = s.gather(2, index.view(B, 1, n, 1).expand(B, Hs, n, Ds))  # (B, Hs, n, Ds)
             pairs[t][0].append(s.permute(0, 2, 1, 3).flatten(2)[keep])  # (m, Hs*Ds)
             pairs[t][1].append(r.permute(0, 2, 1, 3).flatten(2)[keep])  # (m, Hr*Dr)
     return {t: (torch.cat(x), torch.cat(y)) for t, (x, y) in pairs.items()}
