@@ -66,7 +66,7 @@ def held_out_answer_accuracy(run: str | Path, answerers: Sequence[str] = ("c2c",
                 if sharer_tok.get_vocab() != receiver_tok.get_vocab():
                     raise ValueError("the sharer alone is scored in the receiver's token ids: "
                                      "it needs the same vocabulary")
-                prompt = batch.inputs.sharers[0]
+                prompt = batch.inputs  # same vocabulary: the sharer reads the receiver's prompt ids
                 logits = sharer(input_ids=prompt.input_ids, attention_mask=prompt.attention_mask,
                                 position_ids=position_ids(prompt.attention_mask)).logits[:, -1]  # (B, V)
             else:
