@@ -230,8 +230,13 @@ class TokenAligner:
     def align_chat(self, messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = False) -> AlignedPrompt:
         """A chat rendered with the receiver's template, aligned to the sharer.
 
-        Template spans: each side its own tokens, not fused. Message spans: one sharer token per
-        receiver token. Same vocabulary: the sharer reads the receiver's ids, template included.
+        The receiver's ids are its tokenizer's encoding of the whole rendered text, so C2C with closed
+        gates is exactly the receiver alone. A receiver token inside a message is fused, with one sharer
+        token standing for it; the other receiver tokens are template (not fused), the sharer reads its
+        own template text there. A token that spans a template/message border (e.g. the template's "\n"
+        merged with a message's leading newlines) counts as template, and the sharer reads that part of
+        the message as text of its own (encoded by its tokenizer, not fused). Same vocabulary: the
+        sharer reads the receiver's ids, template included.
         """
         if not messages:
             raise ValueError("align_chat: messages is empty")
@@ -258,27 +263,68 @@ class TokenAligner:
         else:
             sharer_templates = self._template_spans(self.sharer, *render, side="sharer")  # (M+1,) texts
 
-        # Spans are encoded one by one. This equals encoding the whole rendered text when the
-        # span borders are also pre-token borders, which holds for the ChatML templates here
-        # (messages sit between "\n" and a special token). It can differ, e.g., for a content
-        # that starts with newlines (the template's "\n" would merge with them).
-        receiver_ids, sharer_ids, sharer_index, fuse_mask = [], [], [], []
-        for i, (r_text, s_text) in enumerate(zip(receiver_templates, sharer_templates)):
-            r_tmpl = self._encode(self.receiver, r_text)  # (len_r,)
-            s_tmpl = self._encode(self.sharer, s_text)  # (len_s,)
-            start = len(sharer_ids)
-            sharer_ids += s_tmpl
-            for j in range(len(r_tmpl)):
-                sharer_index.append(start + min(j, len(s_tmpl) - 1) if s_tmpl else max(start - 1, 0))
-            receiver_ids += r_tmpl
-            fuse_mask += [False] * len(r_tmpl)
-            if i < len(contents):
-                r_msg = self._encode(self.receiver, contents[i])  # (len_m,)
-                sharer_index += range(len(sharer_ids), len(sharer_ids) + len(r_msg))
-                sharer_ids += [self.map_token(t) for t in r_msg]
-                receiver_ids += r_msg
-                fuse_mask += [True] * len(r_msg)
+        text = "".join(span + content for span, content in zip(receiver_templates, contents + [""]))
+        receiver_ids, spans = self._receiver_tokens(text)  # (Nr,), each token's [start, end) in text
+        bounds, position = [], 0  # [start, end) of each message in text
+        for span, content in zip(receiver_templates, contents):
+            position += len(span)
+            bounds.append((position, position + len(content)))
+            position += len(content)
+        # segment of each receiver token: 2i + 1 = inside message i, 2k = template span k (a token
+        # crossing a message's start belongs to the span before it, one crossing its end to the one after)
+        segments = []
+        for start, end in spans:
+            inside = next((i for i, (s, e) in enumerate(bounds) if s <= start < end <= e), None)
+            segments.append(2 * inside + 1 if inside is not None else 2 * sum(e < end for _, e in bounds))
+        if segments != sorted(segments):
+            raise ValueError("the receiver tokenizer's offsets are out of order; token alignment needs a tokenizer "
+                             "whose offsets follow the text")
+
+        sharer_ids, sharer_index, fuse_mask = [], [], []
+        for segment in range(2 * len(contents) + 1):
+            tokens = [t for t, s in enumerate(segments) if s == segment]  # receiver positions, in order
+            i = segment // 2
+            if segment % 2 == 0:  # template span i: the sharer's own template tokens, not fused
+                s_tmpl = self._encode(self.sharer, sharer_templates[i])  # (len_s,)
+                start = len(sharer_ids)
+                sharer_ids += s_tmpl
+                sharer_index += [start + min(j, len(s_tmpl) - 1) if s_tmpl else max(start - 1, 0)
+                                 for j in range(len(tokens))]
+                fuse_mask += [False] * len(tokens)
+                continue
+            # message i: text the receiver merged into template tokens, then one sharer token per
+            # receiver token inside the message (fused), then merged text again
+            s, e = bounds[i]
+            head_end = spans[tokens[0]][0] if tokens else e
+            tail_start = spans[tokens[-1]][1] if tokens else e
+            sharer_ids += self._encode(self.sharer, text[s:head_end])
+            sharer_index += range(len(sharer_ids), len(sharer_ids) + len(tokens))
+            sharer_ids += [self.map_token(receiver_ids[t]) for t in tokens]
+            sharer_ids += self._encode(self.sharer, text[tail_start:e])
+            fuse_mask += [True] * len(tokens)
         return AlignedPrompt(receiver_ids, sharer_ids, sharer_index, fuse_mask)
+
+    def _receiver_tokens(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The receiver's encoding of the whole text, and each token's character span [start, end).
+
+        The spans must cover the text without gaps (several byte-level tokens of one character share
+        its span); a tokenizer that trims or drops characters from its offsets is refused.
+        """
+        if getattr(self.receiver, "backend_tokenizer", None) is None:
+            raise ValueError("token alignment between different tokenizers needs a fast (tokenizers-backed) "
+                             "receiver tokenizer: its offsets place message borders")
+        encoding = self.receiver(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans = [tuple(span) for span in encoding["offset_mapping"]]
+        covered = 0
+        for start, end in spans:
+            if start > covered or end < start:
+                raise ValueError(f"the receiver tokenizer's offsets leave out characters {covered}-{start} of the "
+                                 f"prompt ({text[covered:start]!r}; trimmed offsets?), so message borders cannot "
+                                 "be placed on its tokens")
+            covered = max(covered, end)
+        if covered != len(text):
+            raise ValueError(f"the receiver tokenizer's offsets end at character {covered} of {len(text)}")
+        return encoding["input_ids"], spans
 
     @staticmethod
     def _render(tokenizer, messages, add_generation_prompt: bool, enable_thinking: bool) -> str:

@@ -47,7 +47,8 @@ from c2c.fused import FusedInputs, collate
 from c2c.mcmix import MC_MIX_VERSION, load_mc_mix, load_mmlu_auxiliary_train, mc_conversations
 from c2c.paths import cache_dir
 
-DATA_FORMAT_VERSION = "c2c-chats/1"  # bump when tokenization/templating below changes (invalidates caches)
+DATA_FORMAT_VERSION = "c2c-chats/2"  # bump when tokenization/templating below changes (invalidates caches)
+# 2: token alignment encodes the receiver's whole rendered prompt (c2c.align.TokenAligner.align_chat)
 IGNORE_INDEX = -100
 ROLE_NAMES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")

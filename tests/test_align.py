@@ -8,16 +8,19 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from tokenizers import processors
 from transformers import AutoTokenizer
 
 from c2c.align import (
     ALIGNMENT_STRATEGIES,
     LAYER_MAP_STRATEGIES,
+    SHARER_TEMPLATES,
     TokenAligner,
     check_layer_map,
     layer_map,
     shares_vocabulary,
 )
+from c2c.methods import render_ids
 from c2c.paths import cache_dir
 
 TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
@@ -294,8 +297,7 @@ def test_align_chat_qwen3_smollm2(qwen3, smollm2, strategy):
     n = len(a.receiver_ids)
     assert len(a.sharer_index) == len(a.fuse_mask) == n
 
-    # the receiver sees exactly its normal prompt (spans encoded one by one give the same ids
-    # here because every span border is also a pre-token border in the ChatML template)
+    # the receiver sees exactly its normal prompt (its encoding of the whole rendered text)
     assert a.receiver_ids == _chat_ids(qwen3, CHAT)
 
     # fused positions are the message contents, exactly and in order
@@ -327,6 +329,65 @@ def test_align_chat_qwen3_smollm2(qwen3, smollm2, strategy):
     # the sharer's ("...assistant\n"): its tail reads the sharer's last template token
     assert qwen3.decode(a.receiver_ids[-4:]) == "<think>\n\n</think>\n\n"
     assert a.sharer_index[-4:] == [len(a.sharer_ids) - 1] * 4
+
+
+# contents whose first or last characters merge with the template text around them in a receiver token
+BORDER_CHATS = [
+    [{"role": "user", "content": "\n\nWhat is 2+2?"}],
+    [{"role": "user", "content": "  indented"}, {"role": "assistant", "content": "Four\n\n"},
+     {"role": "user", "content": " \n and then?"}],
+    [{"role": "system", "content": "\tBe brief. "}, {"role": "user", "content": " "}],
+]
+PAIRS = [("qwen25", "smollm2"), ("smollm2", "qwen25"), ("qwen3", "smollm2"), ("smollm2", "qwen3"),
+         ("tiny_receiver", "tiny_sharer"), ("tiny_sharer", "tiny_receiver")]
+
+
+@pytest.mark.parametrize("strategy", ALIGNMENT_STRATEGIES)
+@pytest.mark.parametrize("pair", PAIRS, ids="<-".join)
+def test_receiver_ids_are_its_own_encoding_of_the_whole_prompt(pair, strategy, request):
+    """Closed-gate C2C is exactly the receiver: its ids are those the receiver alone reads (`render_ids`),
+    also where a message's leading/trailing whitespace merges with the template in one token."""
+    receiver, sharer = (request.getfixturevalue(name) for name in pair)
+    receiver, sharer = (t[1] if isinstance(t, tuple) else t for t in (receiver, sharer))  # (model, tokenizer) pairs
+    merged = 0
+    for chat in BORDER_CHATS + [CHAT]:
+        whole = _chat_ids(receiver, chat)
+        spans = TokenAligner(receiver, sharer)._template_spans(receiver, chat, True, False, side="receiver")
+        pieces = [text for span, m in zip(spans, chat + [{"content": ""}]) for text in (span, m["content"])]
+        merged += sum((receiver.encode(p, add_special_tokens=False) for p in pieces if p), []) != whole
+        for sharer_template in SHARER_TEMPLATES:
+            a = TokenAligner(receiver, sharer, strategy, sharer_template).align_chat(chat)
+            assert a.receiver_ids == whole == render_ids(receiver, chat)
+            assert len(a.sharer_index) == len(a.fuse_mask) == len(whole)
+            assert a.sharer_index == sorted(a.sharer_index) and max(a.sharer_index) < len(a.sharer_ids)
+            # fused positions: inside the messages, in order, all of each message but merged whitespace
+            runs = _runs(a.fuse_mask)
+            texts = [receiver.decode(a.receiver_ids[lo:hi]) for lo, hi in runs]
+            contents, k = [m["content"] for m in chat], 0
+            for text in texts:  # each run lies in one message, in message order
+                k = next(j for j in range(k, len(contents)) if text in contents[j])
+            assert all(any(c.strip() in text for text in texts) for c in contents if c.strip())
+    # the separately encoded spans really differ from the whole prompt here (not for the tiny pair: its
+    # small BPE vocabulary has no token of several whitespace characters, so nothing merges at a border)
+    assert merged >= 2 if not pair[0].startswith("tiny") else merged == 0
+
+
+def test_align_chat_sharer_reads_the_merged_text_of_a_message(qwen25, smollm2):
+    chat = [{"role": "user", "content": "\n\nHello there"}]
+    a = TokenAligner(qwen25, smollm2).align_chat(chat)
+    # the receiver merges the template's "\n" with the two leading newlines: that token is template
+    assert [qwen25.decode([t]) for t in a.receiver_ids[-9:-5]] == ["user", "\n\n\n", "Hello", " there"]
+    assert a.fuse_mask[-9:-5] == [False, False, True, True]
+    # the sharer reads its own template, then the whole message: "\n\n" as its own text, unfused
+    assert smollm2.decode(a.sharer_ids).endswith("<|im_start|>user\n\n\nHello there<|im_end|>\n"
+                                                "<|im_start|>assistant\n")
+
+
+def test_offsets_that_leave_out_text_are_refused(qwen3):
+    receiver = _load("smollm2")
+    receiver.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)  # " is" -> (1, 3)
+    with pytest.raises(ValueError, match="offsets leave out characters .* trimmed offsets"):
+        TokenAligner(receiver, qwen3).align_chat([{"role": "user", "content": "What is it?"}])
 
 
 def test_align_chat_sharer_with_empty_template_spans(qwen3):
