@@ -6,12 +6,17 @@ Run folder layout (``out``)::
     main_table.json                 the same numbers, machine-readable, with parse-failure examples
     eval_config.yaml                the exact (resolved) config that produced the table, with the command
     eval/<method key>/<benchmark>.jsonl      one JSON record per item, appended batch by batch (fsync'ed)
-    eval/<method key>/<benchmark>.meta.json  what produced them (method description, benchmark source)
+    eval/<method key>/<benchmark>.meta.json  what produced them (method description, benchmark source,
+                                             content fingerprints)
 
 Resume: items already in the JSONL are skipped; a crash loses at most the batch in flight (a torn
-last line is dropped). A JSONL written by a different method description or benchmark source is
-never mixed in: the run stops and says so. Nothing is skipped silently: an unparsable reply is a
-wrong answer (counted and shown per benchmark); so is an item whose method raises: its record holds
+last line is dropped). A JSONL written by a different method description or benchmark source, or
+under other content fingerprints (each model's config/weights/dtype, tokenizers, the fuser's config
+and weights, the benchmark's records, the code in ``EVAL_CODE``; ``c2c.fingerprint``), is never
+mixed in: the run stops and says what changed. The run folder (and each method folder given to
+``evaluate``) is locked while a run writes it: a second run on it stops, naming the first's pid.
+Nothing is skipped silently: an unparsable reply is a wrong answer (counted and shown per
+benchmark); so is an item whose method raises: its record holds
 ``"error": "<Type>: <message>"``, the table counts and shows the errors per benchmark, and a rerun
 retries those items. Failures that look systematic stop the run with an ``EvaluationError`` naming
 the items: the first ``FIRST_ITEMS_ALL_FAILED`` items all raised, or more than ``MAX_ERROR_FRACTION``
