@@ -156,18 +156,28 @@ def letter_scoring(tokenizer, assistant_prefix: str = DEFAULT_ASSISTANT_PREFIX) 
 
 
 class FiniteLogits(LogitsProcessor):
-    """Raises at the first decoding step whose logits hold NaN/inf (greedy argmax would pick a token anyway)."""
+    """Counts NaN/inf logits over the decoding steps (greedy argmax would pick a token anyway); ``check()``
+    after ``generate`` raises if there were any. The count stays on the device: no host sync per step, so
+    transformers' deferred stop check keeps the GPU busy."""
 
     def __init__(self, what: str):
         self.what = what
+        self.non_finite: torch.Tensor | None = None  # () int64, on the logits' device
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return check_finite(scores, self.what, NON_FINITE_HINT)
+        count = (~torch.isfinite(scores)).sum()
+        self.non_finite = count if self.non_finite is None else self.non_finite + count
+        return scores
+
+    def check(self) -> None:
+        if self.non_finite is not None and int(self.non_finite):
+            raise FloatingPointError(f"{self.what} held {int(self.non_finite)} NaN/inf value(s) over the decoding "
+                                     f"steps; {NON_FINITE_HINT}")
 
 
 def _greedy_kwargs(model, tokenizer, max_new_tokens: int) -> dict:
-    """Greedy decoding (NaN/inf logits raise); the model's own sampling defaults are switched off, not just
-    overridden."""
+    """Greedy decoding (NaN/inf logits counted: ``_check_decoding`` after generate); the model's own sampling
+    defaults are switched off, not just overridden."""
     config = copy.deepcopy(model.generation_config)
     config.do_sample = False
     for name in ("temperature", "top_p", "top_k", "min_p", "typical_p"):
@@ -179,6 +189,12 @@ def _greedy_kwargs(model, tokenizer, max_new_tokens: int) -> dict:
         config.eos_token_id = tokenizer.eos_token_id
     return {"generation_config": config,
             "logits_processor": LogitsProcessorList([FiniteLogits(f"decoding logits of {_model_name(model)}")])}
+
+
+def _check_decoding(greedy_kwargs: dict) -> None:
+    """Raise if the generate call that took these ``_greedy_kwargs`` saw NaN/inf logits (one host sync)."""
+    for processor in greedy_kwargs["logits_processor"]:
+        processor.check()
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -304,8 +320,9 @@ class Method:
             check_context(model.config, max(map(len, rows)), self.max_new_tokens, who)
             ids, mask = left_pad(rows, pad_token_id(tokenizer))
             ids, mask = ids.to(model.device), mask.to(model.device)
-            sequences = generate_from_prefix(model, ids, mask, static_cache=self.static_cache,
-                                             **_greedy_kwargs(model, tokenizer, self.max_new_tokens))
+            greedy = _greedy_kwargs(model, tokenizer, self.max_new_tokens)
+            sequences = generate_from_prefix(model, ids, mask, static_cache=self.static_cache, **greedy)
+            _check_decoding(greedy)
             texts, counts = _decode_new(tokenizer, sequences[:, ids.shape[1]:], _eos_ids(model, tokenizer))
             answers = [Answer(item.id, extract_answer(text, len(item.options)), text, None,
                               {"new_tokens": n}) for item, text, n in zip(items, texts, counts)]
@@ -395,8 +412,9 @@ class TextToText(Method):
                       "the sharer (T2T background)")
         ids, mask = left_pad(rows, pad_token_id(self.sharer_tokenizer))
         ids, mask = ids.to(self.sharer.device), mask.to(self.sharer.device)
-        sequences = generate_from_prefix(
-            self.sharer, ids, mask, static_cache=self.static_cache, **_greedy_kwargs(self.sharer, self.sharer_tokenizer, self.sharer_max_new_tokens))
+        greedy = _greedy_kwargs(self.sharer, self.sharer_tokenizer, self.sharer_max_new_tokens)
+        sequences = generate_from_prefix(self.sharer, ids, mask, static_cache=self.static_cache, **greedy)
+        _check_decoding(greedy)
         return _decode_new(self.sharer_tokenizer, sequences[:, ids.shape[1]:],
                            _eos_ids(self.sharer, self.sharer_tokenizer))
 
@@ -481,8 +499,9 @@ class C2C(Method):
         else:
             inputs = self.prepare(chats).to(device)
             m.check_lengths(inputs, self.max_new_tokens)  # prompt + answer must fit the context
-            sequences = m.generate(inputs, static_cache=self.static_cache,
-                                   **_greedy_kwargs(m.receiver, tokenizer, self.max_new_tokens))
+            greedy = _greedy_kwargs(m.receiver, tokenizer, self.max_new_tokens)
+            sequences = m.generate(inputs, static_cache=self.static_cache, **greedy)
+            _check_decoding(greedy)
             texts, counts = _decode_new(tokenizer, sequences[:, inputs.input_ids.shape[1]:],
                                         _eos_ids(m.receiver, tokenizer))
             answers = [Answer(item.id, extract_answer(text, len(item.options)), text, None, {"new_tokens": n})

@@ -366,15 +366,18 @@ def test_a_malformed_or_unknown_fuser_config_is_named(tmp_path, tiny_receiver, t
         load_fuser(folder)
 
 
-@pytest.mark.parametrize("mode", ["logits", "generate"])
+@pytest.mark.parametrize("mode", ["logits", "generate", "t2t-background"])
 def test_nan_logits_raise_naming_the_model(mode, tiny_receiver):
     model, tokenizer = load_model("tiny-receiver")  # a private copy: its weights are spoiled below
     with torch.no_grad():
         model.model.norm.weight.fill_(float("nan"))
-    item = long_item()
+    if mode == "t2t-background":  # the spoiled model writes T2T's background text (as the sharer)
+        method = TextToText(*tiny_receiver, model, tokenizer, sharer_max_new_tokens=4, max_new_tokens=4)
+    else:
+        method = ReceiverAlone(model, tokenizer, scoring=mode, max_new_tokens=4)
     with pytest.raises(FloatingPointError, match=rf"logits of .*{re.escape(model.name_or_path)}.* NaN/inf.*weights "
                                                  r"may be damaged"):
-        ReceiverAlone(model, tokenizer, scoring=mode, max_new_tokens=4).answer([item])
+        method.answer([long_item()])
 
 
 @pytest.mark.parametrize("mode", ["logits", "generate"])
