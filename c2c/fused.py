@@ -145,6 +145,11 @@ def to_static_cache(cache: DynamicCache, config, max_cache_len: int) -> StaticCa
     return static
 
 
+# Static caches are sized in multiples of this: the compiled decode step is specialised to the cache's shape,
+# so batches of many prompt lengths share a few compiled graphs instead of recompiling for each length
+STATIC_CACHE_MULTIPLE = 256
+
+
 def requested_max_new_tokens(model, generate_kwargs: dict) -> int | None:
     """The max_new_tokens `model.generate(**generate_kwargs)` decodes with, in transformers' order: the
     argument, else the `generation_config=` passed, else the model's own generation config (None: unset)."""
@@ -161,7 +166,8 @@ def generate_from_prefix(model, input_ids: torch.Tensor, attention_mask: torch.T
 
     static_cache: decode with a preallocated StaticCache, which transformers compiles on CUDA
     (None = only where the model is on a CUDA device; eager dynamic cache on CPU). Its length is the
-    prompt + `requested_max_new_tokens(model, generate_kwargs)`.
+    prompt + `requested_max_new_tokens(model, generate_kwargs)`, rounded up to a multiple of
+    `STATIC_CACHE_MULTIPLE`.
     """
     if cache is None:
         cache = prefix_cache(model, input_ids, attention_mask)
@@ -172,7 +178,8 @@ def generate_from_prefix(model, input_ids: torch.Tensor, attention_mask: torch.T
         if not max_new_tokens:
             raise ValueError("static_cache=True needs max_new_tokens (an argument, or in the generation_config "
                              "passed or the model's) to size the cache")
-        cache = to_static_cache(cache, model.config, input_ids.shape[1] + max_new_tokens)
+        length = input_ids.shape[1] + max_new_tokens
+        cache = to_static_cache(cache, model.config, -(-length // STATIC_CACHE_MULTIPLE) * STATIC_CACHE_MULTIPLE)
     return model.generate(input_ids=input_ids, attention_mask=attention_mask, cache=cache, **generate_kwargs)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from c2c.fused import C2CModel, generate_from_prefix, requested_max_new_tokens
+from c2c.fused import STATIC_CACHE_MULTIPLE, C2CModel, generate_from_prefix, requested_max_new_tokens, to_static_cache
 from conftest import make_fuser
 
 PROMPTS = [
@@ -76,6 +76,10 @@ def test_static_cache_length_follows_transformers_max_new_tokens_priority(tiny_r
     ids = torch.tensor([[5, 6, 7, 8]])
     with pytest.raises(ValueError, match="static_cache=True needs max_new_tokens"):
         generate_from_prefix(receiver, ids, torch.ones_like(ids), static_cache=True)
+    # the cache is rounded up to a multiple of STATIC_CACHE_MULTIPLE (few compiled shapes)
+    with mock.patch("c2c.fused.to_static_cache", wraps=to_static_cache) as spy:
+        generate_from_prefix(receiver, ids, torch.ones_like(ids), static_cache=True, generation_config=passed)
+    assert spy.call_args.args[2] == STATIC_CACHE_MULTIPLE >= 4 + 7
 
 
 def test_open_gates_change_the_answer(pair):
