@@ -13,7 +13,7 @@ LOCK := requirements.lock
 # what `make lock` leaves out: torch itself and the CUDA runtime wheels a CUDA torch build brings
 LOCK_EXCLUDE := ^(torch|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)==
 
-.PHONY: setup lock test reproduce announce quickstart models-small data-offline lab clean-results $(NOTEBOOKS)
+.PHONY: setup lock gpu-check gpu-inputs test reproduce announce quickstart models-small data-offline lab clean-results $(NOTEBOOKS)
 
 setup: $(STAMP)
 
@@ -104,6 +104,25 @@ models-small: $(STAMP)
 data-offline: $(STAMP)
 	$(PY) -c "from c2c.benchmarks import fetch_offline_benchmarks; print(fetch_offline_benchmarks())"
 	$(PY) -c "from c2c.data import natural_instructions_file; print(natural_instructions_file())"
+
+# One command for a machine lent a GPU (benchmarks/gpu_check.py says how to run it there): the CUDA tests, latency
+# and throughput at the paper's shapes, in under 8 minutes, into results/gpu/<device>/. DRY=1: print the plan
+# and check its inputs, anywhere. `make gpu-inputs` (here) prepares what such a bare machine lacks.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_PY) -m benchmarks.gpu_check $(if $(DRY),--dry-run)
+
+# wheels, at their locked versions, for the GPU machine's Python 3.12 (GPU_WHEELS="transformers regex" adds one)
+GPU_WHEELS ?= transformers
+gpu-inputs: $(STAMP)
+	@mkdir -p .gpu-inputs/wheels .gpu-inputs/tokenizers
+	for name in $(GPU_WHEELS); do \
+	  $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .gpu-inputs/wheels "$$(grep -i "^$$name==" $(LOCK))" || exit 1; done
+	chmod -R u+w .gpu-inputs/tokenizers && rm -rf .gpu-inputs/tokenizers/qwen3
+	cp -r ../shared/tokenizers/qwen3 .gpu-inputs/tokenizers/ && chmod -R u+w .gpu-inputs/tokenizers
+	@du -sh .gpu-inputs
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

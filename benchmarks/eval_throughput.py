@@ -100,9 +100,9 @@ def cpu_setting(args) -> list[dict]:
 def gpu_setting(args) -> list[dict]:
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-    if not QWEN3_TOKENIZER.is_dir():
-        raise FileNotFoundError(f"the Qwen3 tokenizer folder {QWEN3_TOKENIZER} is missing")
-    tokenizer = AutoTokenizer.from_pretrained(str(QWEN3_TOKENIZER))
+    if not Path(args.tokenizer).is_dir():
+        raise FileNotFoundError(f"the Qwen3 tokenizer folder {args.tokenizer} is missing (--tokenizer)")
+    tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
     tokenizer.padding_side = "left"
     vocab = 151936
     common = dict(vocab_size=vocab, tie_word_embeddings=True, max_position_embeddings=32768,
@@ -136,6 +136,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own); on a shared, "
                         "busy CPU, 1 avoids thread oversubscription stalls that swamp small models")
     parser.add_argument("--out", default=str(ROOT / "results" / "eval_throughput.json"))
+    parser.add_argument("--tokenizer", default=str(QWEN3_TOKENIZER), help="the Qwen3 tokenizer folder (CUDA setting)")
+    parser.add_argument("--cuda-only", action="store_true", help="skip the CPU tiny-pair setting")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -143,7 +145,7 @@ def main(argv=None) -> int:
         args.batch_sizes = [1] + [b for b in args.batch_sizes if b != 1]
 
     load_at_start = os.getloadavg()
-    settings = cpu_setting(args)
+    settings = [] if args.cuda_only else cpu_setting(args)
     if torch.cuda.is_available():
         settings += gpu_setting(args)
         gpu_note = None
