@@ -96,7 +96,7 @@ def test_methods_decode_the_same_answers_on_the_cuda_default_path(tmp_path):
     config, compiled) against the dynamic cache."""
     from c2c.benchmarks import load_benchmark, write_tiny_fixtures
 
-    items = list(load_benchmark("arc-challenge", write_tiny_fixtures(tmp_path)["arc-challenge"]))
+    items = list(load_benchmark("arc-challenge", write_tiny_fixtures(tmp_path)["arc-challenge"]))[:8]  # 2 batches
     model = fused_pair("cuda", shared_vocabulary=False)
     default = C2C(model, max_new_tokens=8).answer(items, batch_size=4)
     dynamic = C2C(model, max_new_tokens=8, static_cache=False).answer(items, batch_size=4)
