@@ -80,6 +80,9 @@ from c2c.methods import (
     TextToText,
     load_fuser,
 )
+from c2c.models import load_model
+from c2c.prefixes import PrefixStore
+from c2c.stats import paired_comparison, pgr, wilson_interval
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +118,19 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 8,
     "static_cache": "auto",  # generate scoring: decode with a static cache (auto = on CUDA only), or true / false
     "limit": None,  # default per benchmark: at most this many items (round-robin over subjects)
+    # keep each model's prompt caches on disk (c2c.prefixes): every method and every later run on the same
+    # items and models reads them, so a new fuser's evaluation costs only the fusion and the scored token
+    "prefix_cache": False,
     "methods": ["receiver", "sharer", "t2t", "c2c"],
     "benchmarks": list(PAPER_BENCHMARKS),
+    # pairs [a, b] of method keys: a paired test of a against b on the items both answered (the table's
+    # "Comparisons"); PGR is reported for every method when the receiver and sharer alone both ran
+    "comparisons": [],
 }
+# "sharer" and "fuser" (C2C only) override the config's for one method, e.g. the Identical control:
+# {name: c2c, key: c2c_identical, sharer: <the receiver>, fuser: {checkpoint: <its fuser>}}
 METHOD_KEYS = {"name", "key", "label", "scoring", "max_new_tokens", "assistant_prefix",
-               "sharer_max_new_tokens", "batch_size"}
+               "sharer_max_new_tokens", "batch_size", "sharer", "fuser"}
 BENCHMARK_KEYS = {"name", "source", "split", "limit", "subjects"}
 STATIC_CACHE = {"auto": None, True: True, False: False}  # config value -> Method(static_cache=...)
 
@@ -434,6 +445,13 @@ def load_config(config: str | os.PathLike | dict) -> dict:
     names = [b["name"] for b in cfg["benchmarks"]]
     if len(set(names)) != len(names):
         raise ValueError(f"a benchmark is listed twice: {names}")
+    comparisons = cfg["comparisons"] or []
+    if not isinstance(comparisons, list) or any(not isinstance(c, (list, tuple)) or len(c) != 2 for c in comparisons):
+        raise ValueError(f"config key 'comparisons' must be a list of [method key, method key] pairs, got {comparisons!r}")
+    unknown = sorted({k for pair in comparisons for k in pair} - set(keys))
+    if unknown:
+        raise ValueError(f"comparisons name methods {unknown} that the config does not run; its method keys: {keys}")
+    cfg["comparisons"] = [list(pair) for pair in comparisons]
     return cfg
 
 
@@ -472,14 +490,21 @@ def _check_settings(cfg: dict) -> None:
     if alignment is not None and (not isinstance(alignment, str) or alignment not in ALIGNMENT_STRATEGIES):
         raise ValueError(f"config key 'alignment' must be one of {list(ALIGNMENT_STRATEGIES)} or null, got "
                          f"{alignment!r}")
-    spec = cfg["fuser"]
-    if spec is not None:
-        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in ("checkpoint", "random"):
-            raise ValueError(f"config key 'fuser' must be {{checkpoint: folder}} or {{random: {{...}}}}, got {spec!r}")
-        if "checkpoint" in spec and not isinstance(spec["checkpoint"], (str, os.PathLike)):
-            raise ValueError(f"config key 'fuser.checkpoint' must be a folder, got {spec['checkpoint']!r}")
-        if "random" in spec and not isinstance(spec["random"] or {}, dict):
-            raise ValueError(f"config key 'fuser.random' must be a mapping of options, got {spec['random']!r}")
+    _check_fuser_spec(cfg["fuser"], "")
+    if not isinstance(cfg["prefix_cache"], bool):
+        raise ValueError(f"config key 'prefix_cache' must be true or false, got {cfg['prefix_cache']!r}")
+
+
+def _check_fuser_spec(spec, where: str) -> None:
+    if spec is None:
+        return
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in ("checkpoint", "random"):
+        raise ValueError(f"config key {where}'fuser' must be {{checkpoint: folder}} or {{random: {{...}}}}, "
+                         f"got {spec!r}")
+    if "checkpoint" in spec and not isinstance(spec["checkpoint"], (str, os.PathLike)):
+        raise ValueError(f"config key {where}'fuser.checkpoint' must be a folder, got {spec['checkpoint']!r}")
+    if "random" in spec and not isinstance(spec["random"] or {}, dict):
+        raise ValueError(f"config key {where}'fuser.random' must be a mapping of options, got {spec['random']!r}")
 
 
 def _as_list(value, what: str) -> list:
@@ -514,9 +539,15 @@ def _method_entry(entry, cfg: dict) -> dict:
         raise ValueError(f"method {name}: scoring must be one of {SCORING_MODES}, got {out['scoring']!r}")
     out["key"] = entry.get("key") or f"{name}_{out['scoring']}"
     out["label"] = entry.get("label")
+    if name == "c2c":
+        out["sharer"] = entry.get("sharer", cfg["sharer"])
+        out["fuser"] = entry.get("fuser", cfg["fuser"])
+        _check_fuser_spec(out["fuser"], f"methods[{out['key']}].")
+    elif "sharer" in entry or "fuser" in entry:
+        raise ValueError(f"method {name!r}: 'sharer' and 'fuser' can be set per method for c2c only")
     needs = {"receiver": ["receiver"], "sharer": ["sharer"], "t2t": ["receiver", "sharer"],
              "c2c": ["receiver", "sharer", "fuser"]}[name]
-    missing = [k for k in needs if not cfg.get(k)]
+    missing = [k for k in needs if not out.get(k, cfg.get(k))]
     if missing:
         raise ValueError(f"method {name!r} needs config keys {missing}")
     return out
@@ -556,42 +587,43 @@ def resolve_source(source: str | None, name: str, out: Path) -> str | None:
 
 
 class _Models:
-    """Receiver and sharer, loaded on first use and shared by every method."""
+    """The models of a run, loaded on first use and shared by every method (one object per source: a
+    method whose sharer is the receiver reads the receiver's own model), each with its prompt-cache store
+    attached when the config asks for one."""
 
     def __init__(self, cfg: dict):
-        import torch
-
         self.cfg = cfg
         self.dtype = getattr(torch, cfg["dtype"]) if isinstance(cfg["dtype"], str) else cfg["dtype"]
         device = cfg["device"]
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self._loaded: dict[str, tuple] = {}
 
-    def get(self, role: str):
-        if role not in self._loaded:
-            from c2c.models import load_model
-
-            source = self.cfg[role]
-            print(f"loading {role}: {source}", flush=True)
-            self._loaded[role] = load_model(source, dtype=self.dtype, device=self.device)
-        return self._loaded[role]
+    def get(self, source: str):
+        if source not in self._loaded:
+            print(f"loading {source}", flush=True)
+            model, tokenizer = load_model(source, dtype=self.dtype, device=self.device)
+            if self.cfg["prefix_cache"]:
+                store = PrefixStore(model).attach()
+                print(f"prompt caches of {source}: {store.folder} ({len(store)} stored)", flush=True)
+            self._loaded[source] = (model, tokenizer)
+        return self._loaded[source]
 
 
 def _check_fuser_checkpoint(cfg: dict) -> None:
-    """A C2C run's fuser checkpoint: there, and (ours) with a readable config, checked before any model loads."""
-    spec = cfg["fuser"]
-    if not any(m["name"] == "c2c" for m in cfg["methods"]) or "checkpoint" not in spec:
-        return
-    folder = Path(spec["checkpoint"]).expanduser()
-    if (folder / CONFIG_NAME).is_file():
-        read_fuser_config(folder / CONFIG_NAME)
-    elif not (folder / "projector_config.json").is_file():
-        raise FileNotFoundError(f"fuser checkpoint {str(folder)!r} holds neither {CONFIG_NAME} (ours) nor "
-                                "projector_config.json (a published one); train one (c2c.train) or fix "
-                                "fuser.checkpoint")
+    """Each C2C method's fuser checkpoint: there, and (ours) with a readable config, checked before any model loads."""
+    for entry in cfg["methods"]:
+        if entry["name"] != "c2c" or "checkpoint" not in entry["fuser"]:
+            continue
+        folder = Path(entry["fuser"]["checkpoint"]).expanduser()
+        if (folder / CONFIG_NAME).is_file():
+            read_fuser_config(folder / CONFIG_NAME)
+        elif not (folder / "projector_config.json").is_file():
+            raise FileNotFoundError(f"method {entry['key']}: fuser checkpoint {str(folder)!r} holds neither "
+                                    f"{CONFIG_NAME} (ours) nor projector_config.json (a published one); train one "
+                                    "(c2c.train) or fix fuser.checkpoint")
 
 
-def warn_if_trained_for_other_models(fuser, cfg: dict) -> None:
+def warn_if_trained_for_other_models(fuser, sources: dict) -> None:
     """Warn (not refuse) when a fuser's recorded model names differ from the config's.
 
     The shapes, layer counts and vocabulary sizes are checked strictly when it loads (``check_fits``),
@@ -600,18 +632,18 @@ def warn_if_trained_for_other_models(fuser, cfg: dict) -> None:
     """
     for role in ("receiver", "sharer"):
         recorded = getattr(fuser.config, role, None)
-        if recorded and str(recorded) != str(cfg[role]):
+        if recorded and str(recorded) != str(sources[role]):
             log.warning("the fuser was trained with %s %r, this run's %s is %r: the shapes fit, so it is used; "
                         "if these are not the same model, use a fuser trained for this pair", role, recorded,
-                        role, cfg[role])
+                        role, sources[role])
 
 
-def _fuser(cfg: dict, receiver, sharer):
-    spec = cfg["fuser"]
+def _fuser(spec: dict, sources: dict, receiver, sharer):
+    """A C2C method's fuser from its spec; sources: the receiver's and sharer's model sources (names)."""
     if "checkpoint" in spec:
         folder = str(spec["checkpoint"])
         fuser = load_fuser(folder, receiver.config, sharer.config, dtype=receiver.dtype)
-        warn_if_trained_for_other_models(fuser, cfg)
+        warn_if_trained_for_other_models(fuser, sources)
         return fuser, f"checkpoint:{folder}"
     from c2c.fuser import random_fuser
 
@@ -627,19 +659,20 @@ def build_method(entry: dict, cfg: dict, models: _Models) -> Method:
                "static_cache": STATIC_CACHE[cfg["static_cache"]]}
     name = entry["name"]
     if name == "receiver":
-        return ReceiverAlone(*models.get("receiver"), model_name=cfg["receiver"], **options)
+        return ReceiverAlone(*models.get(cfg["receiver"]), model_name=cfg["receiver"], **options)
     if name == "sharer":
-        return SharerAlone(*models.get("sharer"), model_name=cfg["sharer"], **options)
+        return SharerAlone(*models.get(cfg["sharer"]), model_name=cfg["sharer"], **options)
     if name == "t2t":
-        return TextToText(*models.get("receiver"), *models.get("sharer"),
+        return TextToText(*models.get(cfg["receiver"]), *models.get(cfg["sharer"]),
                           sharer_max_new_tokens=entry["sharer_max_new_tokens"], receiver_name=cfg["receiver"],
                           sharer_name=cfg["sharer"], **options)
     if name == "c2c":
-        (receiver, r_tok), (sharer, s_tok) = models.get("receiver"), models.get("sharer")
-        fuser, fuser_name = _fuser(cfg, receiver, sharer)
+        sources = {"receiver": cfg["receiver"], "sharer": entry["sharer"]}
+        (receiver, r_tok), (sharer, s_tok) = models.get(sources["receiver"]), models.get(sources["sharer"])
+        fuser, fuser_name = _fuser(entry["fuser"], sources, receiver, sharer)
         return C2C.from_models(receiver, r_tok, sharer, s_tok, fuser, alignment=cfg["alignment"],
-                               fuser_name=fuser_name, receiver_name=cfg["receiver"], sharer_names=[cfg["sharer"]],
-                               **options)
+                               fuser_name=fuser_name, receiver_name=sources["receiver"],
+                               sharer_names=[sources["sharer"]], **options)
     raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
 
 
@@ -670,6 +703,9 @@ class EvalReport:
             for b in self.benchmarks:
                 r = self.results.get((m["key"], b))
                 row[b] = round(100 * r.accuracy, 2) if r else None
+                low, high = wilson_interval(r.correct, r.n) if r else (None, None)
+                row[f"{b}_ci95_low"] = round(100 * low, 2) if r else None
+                row[f"{b}_ci95_high"] = round(100 * high, 2) if r else None
                 row[f"{b}_n"] = r.n if r else None
                 row[f"{b}_parse_failures"] = r.parse_failures if r else None
                 row[f"{b}_errors"] = r.errors if r else None
@@ -679,28 +715,90 @@ class EvalReport:
             rows.append(row)
         return rows
 
+    def _method_of(self, name: str) -> str | None:
+        """The key of the run's (first) method of this name, e.g. "receiver"."""
+        return next((m["key"] for m in self.methods if m["name"] == name), None)
+
+    def comparisons(self) -> list[dict]:
+        """One row per configured pair (a, b) and benchmark: the paired comparison on the items both answered."""
+        rows = []
+        for a, b in self.config["comparisons"]:
+            for bench in self.benchmarks:
+                ra, rb = self.results.get((a, bench)), self.results.get((b, bench))
+                if ra is None or rb is None:
+                    continue
+                correct_b = {r["id"]: r["correct"] for r in rb.records}
+                common = [r for r in ra.records if r["id"] in correct_b]
+                if not common:
+                    continue
+                c = paired_comparison([r["correct"] for r in common], [correct_b[r["id"]] for r in common])
+                rows.append({"a": a, "b": b, "benchmark": bench, "n": c.n,
+                             "accuracy_a": round(100 * c.accuracy_a, 2), "accuracy_b": round(100 * c.accuracy_b, 2),
+                             "difference": round(100 * c.difference, 2),
+                             "ci95_low": round(100 * c.interval[0], 2), "ci95_high": round(100 * c.interval[1], 2),
+                             "a_only": c.a_only, "b_only": c.b_only, "mcnemar_p": c.p_value})
+        return rows
+
+    def gap_recovered(self) -> list[dict]:
+        """PGR of every other method per benchmark: (method - receiver) / (sharer - receiver), where both ran."""
+        weak, strong = self._method_of("receiver"), self._method_of("sharer")
+        rows = []
+        if weak is None or strong is None:
+            return rows
+        for m in self.methods:
+            if m["key"] in (weak, strong):
+                continue
+            row = {"method": m["key"]}
+            for b in self.benchmarks:
+                r, w, s = (self.results.get((k, b)) for k in (m["key"], weak, strong))
+                value = pgr(r.accuracy, w.accuracy, s.accuracy) if r and w and s else None
+                row[b] = None if value is None else round(100 * value, 1)
+            rows.append(row)
+        return rows
+
     def markdown(self) -> str:
         titles = [BENCHMARK_TITLES.get(b, b) for b in self.benchmarks]
         cfg = self.config
         lines = [f"# Main table: {cfg['name']}", "",
                  f"Receiver: `{cfg['receiver']}`; sharer: `{cfg['sharer']}`"
-                 + (f"; fuser: `{cfg['fuser']}`" if any(m["name"] == "c2c" for m in self.methods) else "")
+                 + "".join(f"; {m['key']}: sharer `{m['sharer']}`, fuser `{m['fuser']}`"
+                           for m in self.methods if m["name"] == "c2c")
                  + f". Zero-shot, one user turn, thinking disabled; dtype {cfg['dtype']}.", "",
-                 "Accuracy (%); parse failures and items that raised count as wrong. Average = mean over the "
-                 "benchmarks.", "",
+                 "Accuracy (%) [95% Wilson interval]; parse failures and items that raised count as wrong. "
+                 "Average = mean over the benchmarks.", "",
                  "| Method | Scoring | " + " | ".join(titles) + " | Average |",
                  "|---|---|" + "---:|" * (len(titles) + 1)]
 
         def fmt(x):
             return "-" if x is None else f"{x:.2f}"
 
+        def cell(row, b):
+            return fmt(row[b]) + ("" if row[b] is None else f" [{row[f'{b}_ci95_low']:.1f}, {row[f'{b}_ci95_high']:.1f}]")
+
         rows = self.rows()
         for m, row in zip(self.methods, rows):
             scoring = m["scoring"] + (f", {m['max_new_tokens']} tokens" if m["scoring"] == "generate" else "")
             if m["name"] == "t2t":
                 scoring += f"; sharer text <= {m['sharer_max_new_tokens']} tokens"
-            lines.append(f"| {m['label']} | {scoring} | " + " | ".join(fmt(row[b]) for b in self.benchmarks)
+            lines.append(f"| {m['label']} | {scoring} | " + " | ".join(cell(row, b) for b in self.benchmarks)
                          + f" | {fmt(row['average'])} |")
+        labels = {m["key"]: m["label"] for m in self.methods}
+        gaps = self.gap_recovered()
+        if gaps:
+            lines += ["", "Performance gap recovered, PGR = (method - receiver) / (sharer - receiver), %:", "",
+                      "| Method | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(titles)]
+            lines += [f"| {labels[g['method']]} | " + " | ".join("-" if g[b] is None else f"{g[b]:.1f}"
+                                                                  for b in self.benchmarks) + " |" for g in gaps]
+        paired = self.comparisons()
+        if paired:
+            lines += ["", "Comparisons on the same items (paired): difference of accuracies (points) with its 95% "
+                      "interval, the items only one of the two answers correctly, and the exact McNemar p-value:", "",
+                      "| A vs B | Benchmark | N | A | B | A - B [95% CI] | only A | only B | p |",
+                      "|---|---|---:|---:|---:|---|---:|---:|---:|"]
+            lines += [f"| {labels[c['a']]} vs {labels[c['b']]} | {BENCHMARK_TITLES.get(c['benchmark'], c['benchmark'])} "
+                      f"| {c['n']} | {c['accuracy_a']:.2f} | {c['accuracy_b']:.2f} | {c['difference']:+.2f} "
+                      f"[{c['ci95_low']:+.1f}, {c['ci95_high']:+.1f}] | {c['a_only']} | {c['b_only']} "
+                      f"| {c['mcnemar_p']:.2g} |" for c in paired]
         lines += ["", "Items evaluated (N), parse failures, items that raised (errors), and throughput (items/s, "
                   "batched, this machine):", "",
                   "| Method | " + " | ".join(titles) + " |", "|---|" + "---|" * len(titles)]
@@ -745,7 +843,8 @@ class EvalReport:
             writer.writerows(rows)
         (self.out / "main_table.md").write_text(self.markdown(), encoding="utf-8")
         summary = {"name": self.config["name"], "command": self.command,
-                   "results": [r.summary() for r in self.results.values()], "table": rows}
+                   "results": [r.summary() for r in self.results.values()], "table": rows,
+                   "gap_recovered": self.gap_recovered(), "comparisons": self.comparisons()}
         (self.out / "main_table.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
 
 

@@ -323,3 +323,63 @@ def test_shipped_configs_are_valid(path):
         assert [b["name"] for b in cfg["benchmarks"]] == BENCHMARKS and all(b["source"] is None for b in cfg["benchmarks"])
         assert {m["name"] for m in cfg["methods"]} == {"receiver", "sharer", "t2t", "c2c"}
         assert (cfg["max_new_tokens"], cfg["sharer_max_new_tokens"]) == (64, 1024)
+
+
+# ------------------------------------------------------------------------------------ controls, prompt caches, statistics
+
+
+def _control_config(fuser_folder, identical_folder, **overrides) -> dict:
+    """Receiver, sharer, C2C and the Identical control (its sharer: the receiver itself), letter scoring."""
+    return {"name": "controls", "receiver": "tiny-receiver", "sharer": "tiny-sharer", "dtype": "float32",
+            "device": "cpu", "scoring": "logits", "batch_size": 3, "fuser": {"checkpoint": str(fuser_folder)},
+            "methods": ["receiver", "sharer", "c2c",
+                        {"name": "c2c", "key": "c2c_identical", "label": "C2C, Identical control",
+                         "sharer": "tiny-receiver", "fuser": {"checkpoint": str(identical_folder)}}],
+            "benchmarks": [{"name": "arc-challenge", "source": "tiny-fixtures"},
+                           {"name": "openbookqa", "source": "tiny-fixtures"}],
+            "comparisons": [["c2c_logits", "receiver_logits"], ["c2c_logits", "c2c_identical"]], **overrides}
+
+
+def test_identical_control_prompt_caches_and_paired_statistics(tmp_path, tiny_receiver, tiny_sharer):
+    (receiver, _), (sharer, _) = tiny_receiver, tiny_sharer
+    make_fuser(receiver, sharer, seed=1, gate_logit=1.0).save_pretrained(tmp_path / "fuser")
+    make_fuser(receiver, receiver, seed=2, gate_logit=1.0).save_pretrained(tmp_path / "identical")
+    online = run_eval(_control_config(tmp_path / "fuser", tmp_path / "identical"), tmp_path / "online", progress=False)
+    cached = run_eval(_control_config(tmp_path / "fuser", tmp_path / "identical", prefix_cache=True),
+                      tmp_path / "cached", progress=False)
+    # prompt caches read from disk give the same answers and letter log-probabilities as computing them
+    for key, result in online.results.items():
+        for a, b in zip(result.records, cached.results[key].records):
+            assert (a["id"], a["pred"]) == (b["id"], b["pred"])
+            assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
+    # the Identical control really used the receiver as its sharer (another answer than C2C's, same receiver)
+    models = _Models(load_config(_control_config(tmp_path / "fuser", tmp_path / "identical")))
+    entry = load_config(_control_config(tmp_path / "fuser", tmp_path / "identical"))["methods"][3]
+    identical = build_method(entry, load_config(_control_config(tmp_path / "fuser", tmp_path / "identical")), models)
+    assert identical.model.sharers[0] is identical.model.receiver
+    assert json.loads((tmp_path / "online" / "eval" / "c2c_identical" / "arc-challenge.meta.json").read_text())
+    # paired statistics from the per-item records, recomputed by hand
+    rows = {(c["a"], c["b"], c["benchmark"]): c for c in online.comparisons()}
+    assert len(rows) == 4
+    for (a, b, bench), row in rows.items():
+        ra = {r["id"]: r["correct"] for r in online.results[(a, bench)].records}
+        rb = {r["id"]: r["correct"] for r in online.results[(b, bench)].records}
+        assert row["n"] == len(ra) == len(rb)
+        assert row["a_only"] == sum(ra[i] and not rb[i] for i in ra)
+        assert row["b_only"] == sum(rb[i] and not ra[i] for i in ra)
+        assert row["difference"] == pytest.approx(100 * (sum(ra.values()) - sum(rb.values())) / len(ra), abs=0.01)
+        assert 0 < row["mcnemar_p"] <= 1
+    gaps = {g["method"]: g for g in online.gap_recovered()}
+    assert set(gaps) == {"c2c_logits", "c2c_identical"}
+    table = online.rows()
+    for bench in ("arc-challenge", "openbookqa"):
+        receiver_acc, sharer_acc, c2c_acc = (r[bench] for r in table[:3])
+        expected = None if sharer_acc == receiver_acc else 100 * (c2c_acc - receiver_acc) / (sharer_acc - receiver_acc)
+        assert gaps["c2c_logits"][bench] == (None if expected is None else pytest.approx(expected, abs=0.2))
+        assert table[0][f"{bench}_ci95_low"] <= table[0][bench] <= table[0][f"{bench}_ci95_high"]
+    md = (tmp_path / "online" / "main_table.md").read_text()
+    assert "C2C, Identical control" in md and "McNemar" in md and "PGR" in md and "[" in md
+    with pytest.raises(ValueError, match="comparisons name methods \\['t2t_logits'\\]"):
+        load_config(_control_config(tmp_path, tmp_path, comparisons=[["t2t_logits", "receiver_logits"]]))
+    with pytest.raises(ValueError, match="per method for c2c only"):
+        load_config(_control_config(tmp_path, tmp_path, methods=[{"name": "receiver", "sharer": "tiny-receiver"}]))
