@@ -349,14 +349,15 @@ def test_receiver_ids_are_its_own_encoding_of_the_whole_prompt(pair, strategy, r
     also where a message's leading/trailing whitespace merges with the template in one token."""
     receiver, sharer = (request.getfixturevalue(name) for name in pair)
     receiver, sharer = (t[1] if isinstance(t, tuple) else t for t in (receiver, sharer))  # (model, tokenizer) pairs
+    aligners = {template: TokenAligner(receiver, sharer, strategy, template) for template in SHARER_TEMPLATES}
     merged = 0
     for chat in BORDER_CHATS + [CHAT]:
         whole = _chat_ids(receiver, chat)
-        spans = TokenAligner(receiver, sharer)._template_spans(receiver, chat, True, False, side="receiver")
+        spans = aligners["own"]._template_spans(receiver, chat, True, False, side="receiver")
         pieces = [text for span, m in zip(spans, chat + [{"content": ""}]) for text in (span, m["content"])]
         merged += sum((receiver.encode(p, add_special_tokens=False) for p in pieces if p), []) != whole
-        for sharer_template in SHARER_TEMPLATES:
-            a = TokenAligner(receiver, sharer, strategy, sharer_template).align_chat(chat)
+        for aligner in aligners.values():
+            a = aligner.align_chat(chat)
             assert a.receiver_ids == whole == render_ids(receiver, chat)
             assert len(a.sharer_index) == len(a.fuse_mask) == len(whole)
             assert a.sharer_index == sorted(a.sharer_index) and max(a.sharer_index) < len(a.sharer_ids)
