@@ -21,7 +21,10 @@ Run folder (`output_dir`):
     config.yaml              the resolved config; a folder holding another run is refused
     data_stats.json          examples kept / dropped (by reason), train/eval sizes
     log.jsonl                one line per logged step: step, epoch, lr, temperature, gate_logits
-                             ([K, V] per receiver layer), train_loss and/or eval_loss, tokens/s
+                             ([K, V] per receiver layer), train_loss and/or eval_loss, tokens/s,
+                             elapsed_s (wall-clock seconds of the training loop so far: evaluation and
+                             checkpoints included, loading models/data/prompt caches not; a resumed run
+                             continues from its checkpoint's count)
     checkpoint-000500/       the fuser (save_pretrained) + training_state.pt (optimizer, scheduler,
                              step, data position, loss window) + rng_state_<rank>.pt
     final/                   the final fuser (save_pretrained)
@@ -812,7 +815,7 @@ def _train(config: TrainConfig, on_step: Callable[[int, dict], None] | None) -> 
         resume_from = _latest_good_checkpoint(out, world)
     else:
         resume_from = None
-    step, window_loss, window_tokens = 0, torch.zeros((), device=device), 0
+    step, window_loss, window_tokens, elapsed_before = 0, torch.zeros((), device=device), 0, 0.0
     if resume_from is not None:
         _check_checkpoint_pair(resume_from, receiver, sharer, config)
         try:
@@ -841,6 +844,7 @@ def _train(config: TrainConfig, on_step: Callable[[int, dict], None] | None) -> 
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, window_tokens = state["step"], state["window_tokens"]
+        elapsed_before = state["elapsed_s"]  # written by this code version (checked above)
         local = torch.load(resume_from / f"rng_state_{rank}.pt", map_location="cpu", weights_only=False)
         window_loss = local["window_loss"].to(device)
         _set_rng_state(local["rng"])
@@ -891,6 +895,7 @@ def _train(config: TrainConfig, on_step: Callable[[int, dict], None] | None) -> 
                 torch.save({"step": step, "epoch": step // steps_per_epoch, "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "window_tokens": window_tokens,
                             "config": run_fields(config), "processes": world, "code_version": version,
+                            "elapsed_s": time.perf_counter() - loop_start,
                             "data_fingerprint": data.fingerprint()}, tmp / STATE_NAME)
             else:
                 (tmp / RUN_RECORD).write_text(json.dumps({"code_version": version, "modules": list(TRAIN_CODE)}) + "\n")
@@ -905,12 +910,14 @@ def _train(config: TrainConfig, on_step: Callable[[int, dict], None] | None) -> 
 
     def record(**values) -> dict:
         return {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": values.pop("lr"),
-                "temperature": float(fuser.gate_temperature), **values, "gate_logits": gate_logits()}
+                "temperature": float(fuser.gate_temperature), **values,
+                "elapsed_s": round(time.perf_counter() - loop_start, 3), "gate_logits": gate_logits()}
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=step, desc="training fuser", unit="step",
                disable=not (main and config.progress), dynamic_ncols=True)
+    loop_start = time.perf_counter() - elapsed_before  # the log's elapsed_s counts from here
     if step == 0 and config.eval_every:
         log.write(record(lr=scheduler.get_last_lr()[0], eval_loss=evaluate()))
 

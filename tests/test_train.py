@@ -217,8 +217,12 @@ def test_a_killed_run_resumes_exactly(tmp_path):
     b = C2CFuser.from_pretrained(resumed).state_dict()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    strip = lambda log: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in log]  # noqa: E731
+    timing = ("tokens_per_s", "elapsed_s")  # wall-clock: differs between runs
+    strip = lambda log: [{k: v for k, v in r.items() if k not in timing} for r in log]  # noqa: E731
     assert strip(read_log(tmp_path / "straight")) == strip(read_log(tmp_path / "interrupted"))
+    # wall-clock: every record has it, and the resumed run counts on from its checkpoint's elapsed time
+    elapsed = [r["elapsed_s"] for r in read_log(tmp_path / "interrupted")]
+    assert all(b >= a > 0 for a, b in zip(elapsed, elapsed[1:])), elapsed
     # a finished run is not trained again
     assert train(config) == resumed
 
