@@ -302,22 +302,24 @@ def _set_label(layers: Sequence[int]) -> str:
 
 def layerwise_enrichment(model, tokenizer, items: Sequence[MCItem], exemplars: Exemplars, *, shots: int = 5,
                          layer_sets: Mapping[str, Sequence[int]] | None = None, best_k: Sequence[int] = (),
-                         single_layers: bool = True, batch_size: int = 8,
+                         worst_k: Sequence[int] = (), single_layers: bool = True, batch_size: int = 8,
                          assistant_prefix: str = DEFAULT_ASSISTANT_PREFIX, progress: bool = False) -> list[dict]:
     """Accuracy with the oracle's enriched entries (K and V) at some receiver layers, Direct's elsewhere.
 
-    Evaluated sets: "none" (= Direct exactly), each single layer (``single_layers``), "all"
-    (= the shifted Oracle exactly), the named ``layer_sets``, and for each k in ``best_k`` the k
-    layers with the largest single-layer gain ("best-k"; chosen on these same items, so its gain is
-    an in-sample, optimistic number: pass ``layer_sets`` chosen on other items for a fair one;
-    a second pass over the items).
+    Evaluated sets: "none" (= Direct exactly), "few-shot" (the Few-shot prompt's own cache, for
+    reference: not a layer mix), each single layer (``single_layers``), "all" (= the shifted Oracle
+    exactly), the named ``layer_sets``, and for each k in ``best_k`` / ``worst_k`` the k layers with
+    the largest / smallest single-layer accuracy ("best-k" / "worst-k", the paper's Top-K / Last-K of
+    Figure 4; chosen on these same items, as the paper ranks by Table 10, so best-k's gain is an
+    in-sample, optimistic number: pass ``layer_sets`` chosen on other items for a fair one; a
+    second pass over the items).
 
-    Row: set (name), kind (none/single/all/set/best-k), layer (single layers, else None), layers
-    ("0,3"), accuracy, delta (accuracy - Direct's), correct, n.
+    Row: set (name), kind (none/few-shot/single/all/set/best-k/worst-k), layer (single layers, else
+    None), layers ("0,3"), accuracy, delta (accuracy - Direct's), correct, n.
     """
     L = model.config.num_hidden_layers
-    sets: dict[str, tuple[str, list[int]]] = {"none": ("none", [])}
-    if single_layers or best_k:
+    sets: dict[str, tuple[str, list[int]]] = {"none": ("none", []), "few-shot": ("few-shot", [])}
+    if single_layers or best_k or worst_k:
         sets.update({f"layer {t}": ("single", [t]) for t in range(L)})
     sets["all"] = ("all", list(range(L)))
     for name, layers in (layer_sets or {}).items():
@@ -326,12 +328,13 @@ def layerwise_enrichment(model, tokenizer, items: Sequence[MCItem], exemplars: E
             raise ValueError(f"layer set {name!r}: {'layers ' + str(bad) + ' out of range' if bad else 'name taken'}")
         sets[name] = ("set", sorted(set(layers)))
     rows = _score_layer_sets(model, tokenizer, items, exemplars, sets, shots, batch_size, assistant_prefix, progress)
-    if best_k:
+    if best_k or worst_k:
         extra = {}
-        for k in best_k:
-            if not 1 <= k <= L:
-                raise ValueError(f"best_k values must be in [1, {L}], got {k}")
-            extra[f"best-{k}"] = ("best-k", best_layers(rows, k))
+        for kind, ks, pick in (("best-k", best_k, best_layers), ("worst-k", worst_k, worst_layers)):
+            for k in ks:
+                if not 1 <= k <= L:
+                    raise ValueError(f"{kind.replace('-', '_')} values must be in [1, {L}], got {k}")
+                extra[f"{kind[:-2]}-{k}"] = (kind, pick(rows, k))
         rows += _score_layer_sets(model, tokenizer, items, exemplars, extra, shots, batch_size, assistant_prefix,
                                   progress)
         direct = rows[0]["accuracy"]
@@ -349,8 +352,8 @@ def _score_layer_sets(model, tokenizer, items, exemplars, sets, shots, batch_siz
     n = 0
     for batch in _progress(_batches(items, batch_size), progress, -(-len(items) // batch_size), "layer-wise"):
         out = enrich_batch(model, tokenizer, batch, exemplars, shots=shots, positions="shift", scoring=scoring)
-        for name, (_, layers) in sets.items():
-            logits = layer_mixed_logits(model, out, layers)
+        for name, (kind, layers) in sets.items():
+            logits = out.logits["few-shot"] if kind == "few-shot" else layer_mixed_logits(model, out, layers)
             correct[name] += sum(c == i.answer for c, i in zip(letter_choices(batch, logits, scoring), batch))
         n += len(batch)
     direct = correct["none"] / n if "none" in correct else None
@@ -376,10 +379,19 @@ def layer_mixed_logits(model, batch: EnrichedBatch, layers: Iterable[int]) -> to
 
 def best_layers(rows: Sequence[dict], k: int) -> list[int]:
     """The k layers with the highest single-layer accuracy in ``layerwise_enrichment`` rows (ties: lower layer)."""
+    return _ranked_layers(rows, k, sign=-1)
+
+
+def worst_layers(rows: Sequence[dict], k: int) -> list[int]:
+    """The k layers with the lowest single-layer accuracy in ``layerwise_enrichment`` rows (ties: lower layer)."""
+    return _ranked_layers(rows, k, sign=1)
+
+
+def _ranked_layers(rows: Sequence[dict], k: int, sign: int) -> list[int]:
     singles = [r for r in rows if r["kind"] == "single"]
     if len(singles) < k:
         raise ValueError(f"need >= {k} single-layer rows, got {len(singles)}")
-    ranked = sorted(singles, key=lambda r: (-r["accuracy"], r["layer"]))
+    ranked = sorted(singles, key=lambda r: (sign * r["accuracy"], r["layer"]))
     return sorted(r["layer"] for r in ranked[:k])
 
 

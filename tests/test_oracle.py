@@ -20,6 +20,7 @@ from c2c.oracle import (
     pick_exemplars,
     question_span,
     rerotate_keys,
+    worst_layers,
     write_table,
 )
 
@@ -209,16 +210,23 @@ def test_layerwise_rows_and_the_two_ends(model, arc):
     (receiver, tokenizer), (items, exemplars) = model, arc
     L = receiver.config.num_hidden_layers
     rows = layerwise_enrichment(receiver, tokenizer, items, exemplars, shots=SHOTS, batch_size=4,
-                                layer_sets={"odd": [1, 3]}, best_k=(2,))
-    assert [r["set"] for r in rows] == ["none"] + [f"layer {t}" for t in range(L)] + ["all", "odd", "best-2"]
+                                layer_sets={"odd": [1, 3]}, best_k=(2,), worst_k=(1, 2))
+    assert [r["set"] for r in rows] == (["none", "few-shot"] + [f"layer {t}" for t in range(L)]
+                                        + ["all", "odd", "best-2", "worst-1", "worst-2"])
     assert [r["layer"] for r in rows if r["kind"] == "single"] == list(range(L))
     for r in rows:
         assert 0 <= r["accuracy"] <= 1 and r["n"] == len(items)
         assert r["delta"] == pytest.approx(r["accuracy"] - rows[0]["accuracy"])
-    assert rows[-1]["layers"] == ",".join(map(str, best_layers(rows, 2)))
+    by_set = {r["set"]: r for r in rows}
+    assert by_set["best-2"]["layers"] == ",".join(map(str, best_layers(rows, 2)))
+    assert by_set["worst-1"]["layers"] == ",".join(map(str, worst_layers(rows, 1)))
+    assert by_set["worst-2"]["layers"] == ",".join(map(str, worst_layers(rows, 2)))
+    singles = {r["layer"]: r["accuracy"] for r in rows if r["kind"] == "single"}
+    worst = int(by_set["worst-1"]["layers"])  # a worst-1 set is its single layer: the same accuracy
+    assert singles[worst] == min(singles.values()) and by_set["worst-1"]["accuracy"] == singles[worst]
     table = {r["method"]: r["accuracy"] for r in cache_enrichment(receiver, tokenizer, items, exemplars, shots=SHOTS)}
-    by_set = {r["set"]: r["accuracy"] for r in rows}
-    assert by_set["none"] == table["direct"] and by_set["all"] == table["oracle"]
+    assert by_set["none"]["accuracy"] == table["direct"] and by_set["all"]["accuracy"] == table["oracle"]
+    assert by_set["few-shot"]["accuracy"] == table["few-shot"]
 
 
 def test_layer_mixing_ends_are_exact(any_model, batch):
@@ -239,3 +247,8 @@ def test_best_layers_ranks_single_layer_rows():
     assert best_layers(rows, 3) == [1, 2, 3]
     with pytest.raises(ValueError):
         best_layers(rows, 5)
+    assert worst_layers(rows, 1) == [0]
+    assert worst_layers(rows, 2) == [0, 2]
+    assert worst_layers(rows, 3) == [0, 1, 2]  # ties (layers 1 and 3): the lower layer first
+    with pytest.raises(ValueError):
+        worst_layers(rows, 5)
