@@ -21,7 +21,6 @@ import argparse
 import csv
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -29,28 +28,15 @@ import torch
 from c2c.fused import C2CModel, FusedInputs, SharerInputs, generate_from_prefix
 from c2c.fuser import random_fuser
 from c2c.models import load_model, paper_shape_model
+from c2c.phases import elapsed_ms
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed(fn, device, warmup: int, repeats: int) -> float:
-    """Median milliseconds of fn() after warm-up."""
-    samples = []
-    for i in range(warmup + repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            elapsed = start.elapsed_time(end)
-        else:
-            begin = time.perf_counter()
-            fn()
-            elapsed = (time.perf_counter() - begin) * 1000
-        if i >= warmup:
-            samples.append(elapsed)
-    return statistics.median(samples)
+    """Median milliseconds of fn() after warm-up (CUDA events on a GPU, perf_counter on a CPU)."""
+    samples = [elapsed_ms(fn, device)[1] for _ in range(warmup + repeats)]
+    return statistics.median(samples[warmup:])
 
 
 def build(shapes: str, device: torch.device):
