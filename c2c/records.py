@@ -1,0 +1,75 @@
+"""What an evaluation left, for the analyses that read it: per-item records, and the config's methods rebuilt.
+
+``c2c.evaluate.run_eval`` writes ``<out>/eval/<method key>/<benchmark>.jsonl``, one record per item (id,
+subject, gold, pred, correct, scores, ...). The analyses (answer overlap, MMLU subcategories) read those
+files and never write them; the ones that score new variants of a method (a partly fused cache, a
+checkpoint) rebuild the config's methods and items here, with the models loaded once and the prompt
+caches attached as the config says.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from c2c.benchmarks import BenchmarkItems, load_benchmark
+from c2c.evaluate import _Models, build_method, load_config, resolve_source
+from c2c.jsonl import read_jsonl
+from c2c.methods import Method
+
+
+def records_path(out: str | os.PathLike, key: str, benchmark: str) -> Path:
+    """Where ``run_eval`` keeps the records of method ``key`` on ``benchmark`` in its run folder ``out``."""
+    return Path(out) / "eval" / key / f"{benchmark}.jsonl"
+
+
+def method_records(out: str | os.PathLike, key: str, benchmark: str) -> list[dict]:
+    """The per-item records of one method on one benchmark (read only: another run may be appending).
+
+    An item whose method raised is in the records as wrong (``correct`` false), as in the main table.
+    """
+    path = records_path(out, key, benchmark)
+    if not path.is_file():
+        raise FileNotFoundError(f"no records of method {key!r} on {benchmark!r}: {path} does not exist. Run the "
+                                "evaluation that writes them first (notebook 04, or python -m c2c.evaluate --config "
+                                "<its config>), or fix the method key / run folder in the profile's parameters")
+    records = read_jsonl(path, fix=f"delete {path} and re-run the evaluation")
+    if not records:
+        raise ValueError(f"{path} holds no records; re-run the evaluation")
+    return records
+
+
+def correct_by_id(records: list[dict]) -> dict[str, bool]:
+    """item id -> answered correctly."""
+    return {r["id"]: bool(r["correct"]) for r in records}
+
+
+def config_methods(config: str | os.PathLike | dict, keys: list[str], *,
+                   prefix_cache: bool | None = None) -> dict[str, Method]:
+    """The methods of an eval config with these keys, built as ``run_eval`` builds them (one load per model).
+
+    prefix_cache: override the config's (False for timing: caches must be computed, not read from disk).
+    """
+    cfg = load_config(config)
+    if prefix_cache is not None:
+        cfg["prefix_cache"] = prefix_cache
+    entries = {entry["key"]: entry for entry in cfg["methods"]}
+    missing = [key for key in keys if key not in entries]
+    if missing:
+        raise ValueError(f"methods {missing} are not in the eval config; its method keys: {list(entries)}")
+    models = _Models(cfg)
+    return {key: build_method(entries[key], cfg, models) for key in keys}
+
+
+def config_items(config: str | os.PathLike | dict, benchmark: str, out: str | os.PathLike,
+                 limit: int | None = None) -> BenchmarkItems:
+    """The items of one benchmark of an eval config, loaded as ``run_eval`` loads them (its source, split,
+    subjects and limit; ``limit`` here, if given, overrides it). out: where tiny fixtures are written."""
+    cfg = load_config(config)
+    entry = next((b for b in cfg["benchmarks"] if b["name"] == benchmark), None)
+    if entry is None:
+        raise ValueError(f"benchmark {benchmark!r} is not in the eval config; it has "
+                         f"{[b['name'] for b in cfg['benchmarks']]}")
+    source = resolve_source(entry["source"], benchmark, Path(out))
+    return load_benchmark(benchmark, source, split=entry["split"], limit=limit or entry["limit"],
+                          subjects=entry["subjects"])

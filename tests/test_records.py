@@ -1,0 +1,44 @@
+"""Reading an evaluation's records and rebuilding its methods and items, as run_eval does."""
+
+import pytest
+
+from c2c.evaluate import run_eval
+from c2c.fuse_fraction import PartialC2C
+from c2c.methods import C2C, ReceiverAlone
+from c2c.records import config_items, config_methods, correct_by_id, method_records
+
+CONFIG = {"name": "t", "receiver": "tiny-receiver", "sharer": "tiny-sharer", "device": "cpu", "scoring": "logits",
+          "fuser": {"random": {"seed": 0, "hidden_dim": 16, "intermediate_dim": 16, "gate_logit": 1.0}},
+          "methods": [{"name": "receiver", "key": "r"}, {"name": "c2c", "key": "c"}],
+          "benchmarks": [{"name": "arc-challenge", "source": "tiny-fixtures", "limit": 4}]}
+
+
+def test_records_methods_and_items_match_the_evaluation(tmp_path):
+    report = run_eval(CONFIG, tmp_path, progress=False)
+    records = method_records(tmp_path, "c", "arc-challenge")  # in the order they were run (longest first)
+    by_id = lambda rows: sorted(rows, key=lambda r: r["id"])  # noqa: E731
+    assert by_id(records) == by_id(report.results[("c", "arc-challenge")].records)
+    records = {r["id"]: r for r in records}
+    assert correct_by_id(list(records.values())) == {i: r["correct"] for i, r in records.items()}
+    items = config_items(CONFIG, "arc-challenge", tmp_path)
+    assert sorted(i.id for i in items) == sorted(records)
+    assert len(config_items(CONFIG, "arc-challenge", tmp_path, limit=2)) == 2
+    methods = config_methods(CONFIG, ["c", "r"])
+    assert isinstance(methods["c"], C2C) and isinstance(methods["r"], ReceiverAlone)
+    assert methods["c"].model.receiver is methods["r"].model  # one load per model
+    # the rebuilt method answers as the evaluation did; a partly fused variant of it at p = 1 too
+    for method in (methods["c"], PartialC2C.of(methods["c"], 1.0, "former")):
+        assert [(a.letter, a.scores) for a in method.answer(items)] == [(records[i.id]["pred"], records[i.id]["scores"])
+                                                                          for i in items]
+    with pytest.raises(FileNotFoundError, match="Run the evaluation"):
+        method_records(tmp_path, "t2t", "arc-challenge")
+    with pytest.raises(ValueError, match="not in the eval config"):
+        config_methods(CONFIG, ["t2t"])
+    with pytest.raises(ValueError, match="not in the eval config"):
+        config_items(CONFIG, "mmlu", tmp_path)
+
+
+def test_prefix_cache_override(tmp_path):
+    cached = config_methods({**CONFIG, "prefix_cache": True}, ["r"])["r"]
+    plain = config_methods({**CONFIG, "prefix_cache": True}, ["r"], prefix_cache=False)["r"]
+    assert hasattr(cached.model, "c2c_prefix_store") and not hasattr(plain.model, "c2c_prefix_store")
