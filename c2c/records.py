@@ -12,10 +12,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from c2c.benchmarks import BenchmarkItems, load_benchmark
+from collections.abc import Sequence
+
+from c2c.benchmarks import BenchmarkItems, MCItem, load_benchmark
 from c2c.evaluate import _Models, build_method, load_config, resolve_source
+from c2c.fused import FusedInputs
 from c2c.jsonl import read_jsonl
-from c2c.methods import Method
+from c2c.methods import C2C, Method, chat_messages, letter_scoring
 
 
 def records_path(out: str | os.PathLike, key: str, benchmark: str) -> Path:
@@ -73,3 +76,13 @@ def config_items(config: str | os.PathLike | dict, benchmark: str, out: str | os
     source = resolve_source(entry["source"], benchmark, Path(out))
     return load_benchmark(benchmark, source, split=entry["split"], limit=limit or entry["limit"],
                           subjects=entry["subjects"])
+
+
+def fused_inputs(method: C2C, items: Sequence[MCItem]) -> FusedInputs:
+    """The fused prompts of these items as the method scores them (with "logits" scoring, its assistant prefix is
+    part of the prompt), on the receiver's device: the prompts whose caches its evaluation computed (and, with
+    prefix_cache, stored)."""
+    prefix = ""
+    if method.scoring == "logits":
+        prefix = letter_scoring(method.model.receiver_tokenizer, method.assistant_prefix).prefix
+    return method.prepare([chat_messages(item) for item in items], prefix).to(method.model.receiver.device)

@@ -1,11 +1,12 @@
 """Reading an evaluation's records and rebuilding its methods and items, as run_eval does."""
 
 import pytest
+import torch
 
 from c2c.evaluate import run_eval
 from c2c.fuse_fraction import PartialC2C
-from c2c.methods import C2C, ReceiverAlone
-from c2c.records import config_items, config_methods, correct_by_id, method_records
+from c2c.methods import C2C, ReceiverAlone, letter_scoring
+from c2c.records import config_items, config_methods, correct_by_id, fused_inputs, method_records
 
 CONFIG = {"name": "t", "receiver": "tiny-receiver", "sharer": "tiny-sharer", "device": "cpu", "scoring": "logits",
           "fuser": {"random": {"seed": 0, "hidden_dim": 16, "intermediate_dim": 16, "gate_logit": 1.0}},
@@ -30,6 +31,14 @@ def test_records_methods_and_items_match_the_evaluation(tmp_path):
     for method in (methods["c"], PartialC2C.of(methods["c"], 1.0, "former")):
         assert [(a.letter, a.scores) for a in method.answer(items)] == [(records[i.id]["pred"], records[i.id]["scores"])
                                                                           for i in items]
+    # the fused prompts as the method scores them: the letters' log-probabilities at their last token
+    inputs = fused_inputs(methods["c"], items)
+    letters = letter_scoring(methods["c"].model.receiver_tokenizer).token_ids
+    with torch.no_grad():
+        logprobs = torch.log_softmax(methods["c"].model(inputs)[:, 0].float(), dim=-1)
+    for b, item in enumerate(items):
+        expected = records[item.id]["scores"]
+        assert {L: float(logprobs[b, letters[L]]) for L in item.letters} == pytest.approx(expected, abs=1e-5)
     with pytest.raises(FileNotFoundError, match="Run the evaluation"):
         method_records(tmp_path, "t2t", "arc-challenge")
     with pytest.raises(ValueError, match="not in the eval config"):
