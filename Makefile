@@ -54,7 +54,8 @@ else
 endif
 
 NOTEBOOKS := 01_oracle_cache_enrichment 02_layer_enrichment 03_train_fuser 04_main_table 05_latency 06_tsne \
-             07_ablations 08_knowledge_transfer
+             07_ablations 08_knowledge_transfer 10_effective_rank 11_phase_timing 12_answer_overlap \
+             13_mmlu_subcategories 14_fused_fraction 15_training_cost 99_paper_index
 EXECUTED := results/$(PROFILE)/notebooks
 PROFILE_INPUTS := $(if $(filter small,$(PROFILE)),models-small data-offline)
 
@@ -94,6 +95,11 @@ $(EXECUTED)/%.ipynb: notebooks/%.ipynb params/$(PROFILE).yaml | announce $(STAMP
 
 # notebooks that read what an earlier one wrote
 $(EXECUTED)/04_main_table.ipynb: $(EXECUTED)/03_train_fuser.ipynb
+# the analyses of issue 16: 04's evaluation (records, its fuser) and 03's training run
+$(addprefix $(EXECUTED)/,$(addsuffix .ipynb,10_effective_rank 11_phase_timing 12_answer_overlap 13_mmlu_subcategories \
+  14_fused_fraction 15_training_cost)): $(EXECUTED)/04_main_table.ipynb
+# the reproduction index is the last stage: it reads what every other notebook wrote
+$(EXECUTED)/99_paper_index.ipynb: $(patsubst %,$(EXECUTED)/%.ipynb,$(filter-out 99_paper_index,$(NOTEBOOKS)))
 
 quickstart: $(STAMP)
 	$(PY) -m c2c.quickstart

@@ -9,6 +9,7 @@ caches attached as the config says.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -42,16 +43,34 @@ def method_records(out: str | os.PathLike, key: str, benchmark: str) -> list[dic
     return records
 
 
+def recorded_fingerprints(out: str | os.PathLike, key: str, benchmark: str) -> dict:
+    """The content fingerprints (models, tokenizers, fusers, data, code) the records of a method were computed
+    under, from the ``.meta.json`` beside them: compare with ``Method.fingerprints()`` before mixing a rebuilt
+    method's answers with them."""
+    path = records_path(out, key, benchmark).with_suffix(".meta.json")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: the records of {key!r} on {benchmark!r} have no provenance")
+    return json.loads(path.read_text())["fingerprints"]
+
+
+def same_setup(method: Method, out: str | os.PathLike, key: str, benchmark: str) -> bool:
+    """Whether a method computes with the very models, tokenizers and fusers that wrote these records."""
+    recorded = recorded_fingerprints(out, key, benchmark)
+    return all(recorded.get(name) == json.loads(json.dumps(value)) for name, value in method.fingerprints().items())
+
+
 def correct_by_id(records: list[dict]) -> dict[str, bool]:
     """item id -> answered correctly."""
     return {r["id"]: bool(r["correct"]) for r in records}
 
 
-def config_methods(config: str | os.PathLike | dict, keys: list[str], *,
-                   prefix_cache: bool | None = None) -> dict[str, Method]:
+def config_methods(config: str | os.PathLike | dict, keys: list[str], *, prefix_cache: bool | None = None,
+                   fuser_checkpoint: str | os.PathLike | None = None) -> dict[str, Method]:
     """The methods of an eval config with these keys, built as ``run_eval`` builds them (one load per model).
 
     prefix_cache: override the config's (False for timing: caches must be computed, not read from disk).
+    fuser_checkpoint: a fuser folder that replaces the fuser of every C2C method built (an evaluation run with
+    such an override, e.g. notebook 04 with notebook 03's fuser, is read back with the same one).
     """
     cfg = load_config(config)
     if prefix_cache is not None:
@@ -60,6 +79,10 @@ def config_methods(config: str | os.PathLike | dict, keys: list[str], *,
     missing = [key for key in keys if key not in entries]
     if missing:
         raise ValueError(f"methods {missing} are not in the eval config; its method keys: {list(entries)}")
+    if fuser_checkpoint is not None:
+        for key in keys:
+            if entries[key]["name"] == "c2c":
+                entries[key] = {**entries[key], "fuser": {"checkpoint": str(fuser_checkpoint)}}
     models = _Models(cfg)
     return {key: build_method(entries[key], cfg, models) for key in keys}
 

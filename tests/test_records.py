@@ -6,7 +6,8 @@ import torch
 from c2c.evaluate import run_eval
 from c2c.fuse_fraction import PartialC2C
 from c2c.methods import C2C, ReceiverAlone, letter_scoring
-from c2c.records import config_items, config_methods, correct_by_id, fused_inputs, method_records
+from c2c.records import config_items, config_methods, correct_by_id, fused_inputs, method_records, same_setup
+from conftest import make_fuser
 
 CONFIG = {"name": "t", "receiver": "tiny-receiver", "sharer": "tiny-sharer", "device": "cpu", "scoring": "logits",
           "fuser": {"random": {"seed": 0, "hidden_dim": 16, "intermediate_dim": 16, "gate_logit": 1.0}},
@@ -39,6 +40,13 @@ def test_records_methods_and_items_match_the_evaluation(tmp_path):
     for b, item in enumerate(items):
         expected = records[item.id]["scores"]
         assert {L: float(logprobs[b, letters[L]]) for L in item.letters} == pytest.approx(expected, abs=1e-5)
+    assert same_setup(methods["c"], tmp_path, "c", "arc-challenge") and same_setup(methods["r"], tmp_path, "r",
+                                                                                   "arc-challenge")
+    assert not same_setup(methods["r"], tmp_path, "c", "arc-challenge")  # other models than the records'
+    other = tmp_path / "other_fuser"
+    make_fuser(methods["c"].model.receiver, methods["c"].model.sharers[0], seed=9).save_pretrained(other)
+    swapped = config_methods(CONFIG, ["c"], fuser_checkpoint=other)["c"]
+    assert swapped.fuser_name == f"checkpoint:{other}" and not same_setup(swapped, tmp_path, "c", "arc-challenge")
     with pytest.raises(FileNotFoundError, match="Run the evaluation"):
         method_records(tmp_path, "t2t", "arc-challenge")
     with pytest.raises(ValueError, match="not in the eval config"):

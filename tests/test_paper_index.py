@@ -1,0 +1,62 @@
+"""The reproduction index: every table and figure once, statuses from the files that exist, never a missing file."""
+
+import re
+from pathlib import Path
+
+from c2c.oracle import write_table
+from c2c.paper_index import ENTRIES, build_index, write_index
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_table_and_figure_of_the_paper_once():
+    items = [e.item for e in ENTRIES]
+    assert len(items) == len(set(items))
+    paper = [f"Table {i}" for i in range(1, 16)] + [f"Figure {i}" for i in range(1, 14)]
+    assert [i for i in items if re.match(r"(Table|Figure) \d+$", i)] == paper  # 28, in order
+    for e in ENTRIES:
+        assert e.kind in ("computed", "schematic", "later"), e.item
+        if e.kind == "computed":
+            assert (ROOT / "notebooks" / f"{e.notebook}.ipynb").is_file(), e.item
+            assert e.results and e.results[0].endswith(".csv") and e.figures, e.item
+        elif e.kind == "later":
+            assert e.reason and not e.results and e.notebook is None, e.item
+        else:
+            assert not (e.results or e.figures or e.reason or e.notebook), e.item
+
+
+def test_status_follows_the_files(tmp_path):
+    rows = {r["item"]: r for r in build_index("tiny", "results/tiny", tmp_path)}
+    assert rows["Figure 1"]["status"] == "schematic" and rows["Table 5"]["status"] == "not run"
+    assert "issue 17" in rows["Table 5"]["reason"]
+    table1 = rows["Table 1"]
+    assert table1["status"] == "not run" and "results/tiny/oracle_cache_enrichment.csv" in table1["reason"]
+    assert table1["results"] == table1["figures"] == ""  # never a file that is not there
+    write_table([{"method": m, "accuracy": a} for m, a in (("direct", 0.5), ("few-shot", 0.625), ("oracle", 0.6))],
+                tmp_path / "results/tiny/oracle_cache_enrichment")
+    (tmp_path / "figures/tiny").mkdir(parents=True)
+    (tmp_path / "figures/tiny/oracle_cache_enrichment.png").write_bytes(b"png")
+    table1 = {r["item"]: r for r in build_index("tiny", "results/tiny", tmp_path)}["Table 1"]
+    assert table1["status"] == "not run" and table1["reason"].startswith("not produced yet: "
+                                                                         "figures/tiny/oracle_cache_enrichment.pdf")
+    assert table1["results"] == "results/tiny/oracle_cache_enrichment.csv results/tiny/oracle_cache_enrichment.md"
+    assert table1["figures"] == "figures/tiny/oracle_cache_enrichment.png" and table1["ours"] == ""
+    (tmp_path / "figures/tiny/oracle_cache_enrichment.pdf").write_bytes(b"pdf")
+    table1 = {r["item"]: r for r in build_index("tiny", "results/tiny", tmp_path)}["Table 1"]
+    assert table1["status"] == "stand-in" and table1["reason"] == ""
+    assert table1["ours"] == "direct 50.0, few-shot 62.5, oracle 60.0" and "58.42" in table1["paper"]
+    # the paper profile: "reproduced" only where it runs the paper's own setup
+    for profile_folder in ("results/paper", "figures/paper"):
+        (tmp_path / profile_folder).mkdir(parents=True)
+    for name in ("oracle_cache_enrichment.csv", "oracle_cache_enrichment.md"):
+        (tmp_path / "results/paper" / name).write_text((tmp_path / "results/tiny" / name).read_text())
+    for name in ("oracle_cache_enrichment.png", "oracle_cache_enrichment.pdf"):
+        (tmp_path / "figures/paper" / name).write_bytes(b"x")
+    assert {r["item"]: r for r in build_index("paper", "results/paper", tmp_path)}["Table 1"]["status"] == "stand-in"
+    csv_path, md_path = write_index(build_index("tiny", "results/tiny", tmp_path), tmp_path / "results/tiny")
+    assert csv_path.name == "paper_index.csv" and len(md_path.read_text().splitlines()) == 2 + len(ENTRIES)
+
+
+def test_eval_out_places_the_main_table(tmp_path):
+    rows = {r["item"]: r for r in build_index("small", "results/small/mc/", tmp_path)}
+    assert "results/small/mc/main_table.csv" in rows["Table 4"]["reason"]
