@@ -23,9 +23,7 @@ Gates: ``gate_table`` (one row per receiver layer: K and V gate logits, open at 
 
 from __future__ import annotations
 
-import csv
 import json
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -35,13 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from c2c.align import TokenAligner, layer_map as make_layer_map
-from c2c.fused import collate, kv_cache, prefix_cache
+from c2c.fused import collate, kv_cache, pad_token_id, prefix_cache
 
 # --------------------------------------------------------------------------- keys of both models
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 @torch.no_grad()
@@ -66,7 +60,7 @@ def collect_keys(receiver, receiver_tokenizer, sharer, sharer_tokenizer, chats: 
     for start in range(0, len(chats), batch_size):
         aligned = [[aligner.align_chat(c, add_generation_prompt=True, enable_thinking=False)]
                    for c in chats[start:start + batch_size]]
-        inputs = collate(aligned, _pad_id(receiver_tokenizer), [_pad_id(sharer_tokenizer)])
+        inputs = collate(aligned, pad_token_id(receiver_tokenizer), [pad_token_id(sharer_tokenizer)])
         s_in = inputs.sharers[0]
         # the positions a fuser reads: every prompt token but the last (c2c.fused.C2CModel.prefill)
         r_cache = prefix_cache(receiver, inputs.input_ids.to(receiver.device), inputs.attention_mask.to(receiver.device))
@@ -296,65 +290,29 @@ def gate_table(fuser) -> list[dict]:
              "key_open": bool(opened[t, 0]), "value_open": bool(opened[t, 1])} for t in range(logits.shape[0])]
 
 
-_GATE_COLUMN = re.compile(r"gate[_/\-.]?(?:logit)?s?[_/\-.]?(\d+)[_/\-.]?(k|v|key|value)?$", re.IGNORECASE)
-
-
-def _record_logits(record: Mapping) -> list[float] | None:
-    """A record's 2L gate logits (K/V interleaved as in ``C2CFuser.gate_logit``), or None if it has none."""
-    for name in ("gate_logits", "gate_logit"):
-        value = record.get(name)
-        if isinstance(value, str) and value.strip().startswith("["):
-            value = json.loads(value)
-        if isinstance(value, (list, tuple)):  # flat (2L,) or c2c.train's per layer [[K, V], ...]
-            flat = [v for pair in value for v in pair] if value and isinstance(value[0], (list, tuple)) else value
-            return [float(v) for v in flat]
-    found = {}
-    for key, value in record.items():
-        m = _GATE_COLUMN.search(str(key))
-        if m is None or value in (None, ""):
-            continue
-        index = int(m.group(1))
-        if m.group(2):  # a layer and K/V
-            index = 2 * index + (m.group(2).lower() in ("v", "value"))
-        found[index] = float(value)
-    if not found:
-        return None
-    if sorted(found) != list(range(len(found))) or len(found) % 2:
-        raise ValueError(f"gate logit columns do not cover 2L consecutive gates: {sorted(found)}")
-    return [found[i] for i in range(len(found))]
-
-
 def gate_history(log: str | Path | Sequence[Mapping]) -> list[dict]:
-    """Gate logits per logged step and layer from a training log (a CSV / JSON-lines path, or records).
-
-    ``c2c.train`` writes ``log.jsonl`` in its run folder (a folder path reads that file): one JSON
-    record per logged step with ``step`` and ``gate_logits`` = [[K, V] per receiver layer]. Also
-    accepted: ``gate_logits`` flat (2L, K/V interleaved as ``C2CFuser.gate_logit``; a JSON string
-    in a CSV) or columns like ``gate_{t}_k`` / ``gate_{t}_v`` or ``gate_logit_{i}``. Records
-    without gate logits are skipped. Rows: step, layer, key_logit, value_logit, key_open, value_open.
+    """Gate logits per logged step and layer from a training log: a ``c2c.train`` run folder, its
+    ``log.jsonl``, or its records (each with ``step`` and ``gate_logits`` = [[K, V] per receiver layer]).
+    Records without gate logits (none logged, or ``[]`` for a variant without gates) are skipped.
+    Rows: step, layer, key_logit, value_logit, key_open, value_open.
     """
     if isinstance(log, (str, Path)):
         path = Path(log)
         if path.is_dir():
             path = path / "log.jsonl"
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".csv":
-            records = list(csv.DictReader(text.splitlines()))
-        else:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
         records = list(log)
     rows = []
     for record in records:
-        logits = _record_logits(record)
-        if logits is None:
+        logits = record.get("gate_logits")
+        if not logits:
             continue
         if "step" not in record:
             raise ValueError(f"a log record with gate logits has no 'step': {sorted(record)}")
-        step = int(float(record["step"]))
-        for t in range(len(logits) // 2):
-            k, v = logits[2 * t], logits[2 * t + 1]
-            rows.append({"step": step, "layer": t, "key_logit": k, "value_logit": v,
+        for layer, (k, v) in enumerate(logits):
+            k, v = float(k), float(v)
+            rows.append({"step": int(record["step"]), "layer": layer, "key_logit": k, "value_logit": v,
                          "key_open": k > 0, "value_open": v > 0})
     if not rows:
         raise ValueError("the log holds no gate logits")

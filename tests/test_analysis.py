@@ -1,6 +1,5 @@
 """Cache transformation oracle (paired keys, MLP, nearest-neighbour ratio, t-SNE) and gate analysis on the tiny pair."""
 
-import csv
 import json
 
 import pytest
@@ -145,28 +144,20 @@ def test_gate_table_reads_the_fuser(tiny_receiver, tiny_sharer):
         gate_table(make_fuser(tiny_receiver[0], tiny_sharer[0], variant="fusion"))
 
 
-def test_gate_history_from_records_csv_and_jsonl(tmp_path):
-    records = [{"step": 0, "loss": 2.0, "gate_logits": [0.0, 0.0, 0.0, 0.0]},
-               {"step": 100, "loss": 1.5},  # an eval record without gates
-               {"step": 200, "loss": 1.0, "gate_logits": [0.3, -0.2, -0.5, 0.9]}]
+def test_gate_history_from_records_and_a_run_folder(tmp_path):
+    records = [{"step": 0, "eval_loss": 2.0, "gate_logits": [[0.0, 0.0], [0.0, 0.0]]},
+               {"step": 100, "eval_loss": 1.5},  # a record without gates
+               {"step": 150, "train_loss": 1.2, "gate_logits": []},  # a variant without gates
+               {"step": 200, "train_loss": 1.0, "gate_logits": [[0.3, -0.2], [-0.5, 0.9]]}]
     rows = gate_history(records)
-    assert len(rows) == 4 and {r["step"] for r in rows} == {0, 200}
-    last = [r for r in rows if r["step"] == 200]
-    assert [(r["layer"], r["key_logit"], r["value_logit"], r["key_open"], r["value_open"]) for r in last] == [
-        (0, 0.3, -0.2, True, False), (1, -0.5, 0.9, False, True)]
-    path = tmp_path / "log.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", "loss", "gate_0_k", "gate_0_v", "gate_1_k", "gate_1_v"])
-        writer.writeheader()
-        writer.writerow({"step": 0, "loss": 2.0, "gate_0_k": 0, "gate_0_v": 0, "gate_1_k": 0, "gate_1_v": 0})
-        writer.writerow({"step": 200, "loss": 1.0, "gate_0_k": 0.3, "gate_0_v": -0.2, "gate_1_k": -0.5,
-                         "gate_1_v": 0.9})
-    assert gate_history(path) == rows
-    # c2c.train's run folder: log.jsonl with gate_logits = [[K, V] per layer]
-    nested = [{**r, "gate_logits": [r["gate_logits"][:2], r["gate_logits"][2:]]} if "gate_logits" in r else r
-              for r in records]
-    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in nested))
+    assert [(r["step"], r["layer"], r["key_logit"], r["value_logit"], r["key_open"], r["value_open"])
+            for r in rows] == [(0, 0, 0.0, 0.0, False, False), (0, 1, 0.0, 0.0, False, False),
+                               (200, 0, 0.3, -0.2, True, False), (200, 1, -0.5, 0.9, False, True)]
+    # c2c.train's run folder holds them as log.jsonl
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert gate_history(tmp_path / "log.jsonl") == rows
     assert gate_history(tmp_path) == rows
-    with pytest.raises(ValueError):
-        gate_history([{"step": 1, "loss": 0.5}])
+    with pytest.raises(ValueError, match="no gate logits"):
+        gate_history([{"step": 1, "train_loss": 0.5}])
+    with pytest.raises(ValueError, match="no 'step'"):
+        gate_history([{"gate_logits": [[0.1, 0.2]]}])
