@@ -59,3 +59,22 @@ def test_prefix_cache_override(tmp_path):
     cached = config_methods({**CONFIG, "prefix_cache": True}, ["r"])["r"]
     plain = config_methods({**CONFIG, "prefix_cache": True}, ["r"], prefix_cache=False)["r"]
     assert hasattr(cached.model, "c2c_prefix_store") and not hasattr(plain.model, "c2c_prefix_store")
+
+
+@pytest.mark.parametrize("profile", ["tiny", "small", "paper"])
+def test_each_profiles_analyses_name_methods_and_benchmarks_of_its_eval_config(profile):
+    """Notebooks 10-15 read the evaluation of `analysis_eval_config`: its method keys and benchmarks must exist."""
+    import yaml
+
+    from c2c.evaluate import load_config
+    from c2c.paths import REPO_ROOT
+
+    params = yaml.safe_load((REPO_ROOT / "params" / f"{profile}.yaml").read_text())
+    cfg = load_config(REPO_ROOT / params["analysis_eval_config"])
+    keys = {m["key"] for m in cfg["methods"]}
+    benchmarks = {b["name"] for b in cfg["benchmarks"]}
+    assert set(params["analysis_methods"].values()) <= keys and {"receiver", "sharer", "c2c"} <= set(params["analysis_methods"])
+    assert {params[k] for k in ("erank_benchmark", "timing_benchmark", "subcategory_benchmark", "fraction_benchmark",
+                                "cost_benchmark")} | set(params["venn_benchmarks"]) <= benchmarks
+    assert set(params["cost_checkpoint_runs"]) <= set(params["cost_runs"])
+    assert params["subcategory_benchmark"] in ("mmlu", "mmlu-redux")
