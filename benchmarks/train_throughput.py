@@ -158,9 +158,7 @@ def synthetic_batch(receiver, sharer, batch: int, length: int, device, seed: int
     mask = torch.ones(batch, response, dtype=torch.long)
     result = TrainBatch(FusedInputs(ids, ones, sharers), continuation, mask, continuation.clone(),
                         torch.arange(batch * response), batch * response, batch * length)
-    from c2c.train import _batch_to
-
-    return _batch_to(result, device)
+    return result.to(device)
 
 
 def run_case(name: str, pair, device, precision: str, shapes, steps: int, warmup: int) -> list[dict]:

@@ -35,7 +35,7 @@ import os
 import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,7 @@ import torch
 
 from c2c.align import AlignedPrompt, TokenAligner
 from c2c.fingerprint import tokenizer_fingerprint
-from c2c.fused import FusedInputs, collate
+from c2c.fused import FusedInputs, SharerInputs, collate
 from c2c.mcmix import MC_MIX_VERSION, load_mc_mix, load_mmlu_auxiliary_train, mc_conversations
 from c2c.paths import cache_dir
 
@@ -516,10 +516,6 @@ class TokenizedChats:
         return self.__dict__["_fingerprint"]
 
     @classmethod
-    def from_examples(cls, examples: Sequence[ChatExample], identity: Sequence[bool], meta: dict) -> "TokenizedChats":
-        return cls.from_records([_compact(e, identity) for e in examples], identity, meta)
-
-    @classmethod
     def from_records(cls, records: Sequence[tuple], identity: Sequence[bool], meta: dict) -> "TokenizedChats":
         """From `_compact` records: (source index, prompt ids, continuation ids, per-sharer arrays or None)."""
 
@@ -727,10 +723,18 @@ class TrainBatch:
     num_label_tokens: int
     num_input_tokens: int  # receiver tokens without padding (instruction + continuation)
 
-    def to(self, device, non_blocking: bool = False) -> "TrainBatch":
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return TrainBatch(self.inputs.to(device), move(self.continuation_ids), move(self.continuation_mask),
-                          move(self.labels), move(self.label_positions), self.num_label_tokens, self.num_input_tokens)
+    def to(self, device: torch.device) -> "TrainBatch":
+        """The batch on `device`, moved without a host synchronisation (pinned memory + non_blocking on CUDA)."""
+        cuda = device.type == "cuda"
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return (t.pin_memory() if cuda else t).to(device, non_blocking=cuda)
+
+        inputs = self.inputs
+        sharers = [SharerInputs(**{f.name: move(getattr(s, f.name)) for f in fields(s)}) for s in inputs.sharers]
+        return TrainBatch(FusedInputs(move(inputs.input_ids), move(inputs.attention_mask), sharers),
+                          move(self.continuation_ids), move(self.continuation_mask), move(self.labels),
+                          move(self.label_positions), self.num_label_tokens, self.num_input_tokens)
 
 
 def collate_examples(examples: Sequence[ChatExample], receiver_pad_id: int,

@@ -78,7 +78,7 @@ from c2c.data import (
     remove_system_turns,
     split_indices,
 )
-from c2c.fused import C2CModel, FusedInputs, SharerInputs, sharer_prefix_length
+from c2c.fused import C2CModel, sharer_prefix_length
 from c2c.fingerprint import code_version
 from c2c.fuser import C2CFuser, FuserConfig
 from c2c.jsonl import read_jsonl
@@ -605,25 +605,6 @@ def _check_checkpoint_pair(folder: Path, receiver, sharer, config: TrainConfig) 
                          f"{config.sharer!r} ({error})") from None
 
 
-def _pinned(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
-    return tensor.pin_memory() if pin else tensor
-
-
-def _batch_to(batch: TrainBatch, device: torch.device) -> TrainBatch:
-    """Move a batch without host synchronisation (pinned memory + non_blocking on CUDA)."""
-    cuda = device.type == "cuda"
-
-    def move(t):
-        return _pinned(t, cuda).to(device, non_blocking=cuda)
-
-    inputs = batch.inputs
-    sharers = [SharerInputs(**{f.name: move(getattr(s, f.name)) for f in dataclasses.fields(s)})
-               for s in inputs.sharers]
-    return TrainBatch(FusedInputs(move(inputs.input_ids), move(inputs.attention_mask), sharers),
-                      move(batch.continuation_ids), move(batch.continuation_mask), move(batch.labels),
-                      move(batch.label_positions), batch.num_label_tokens, batch.num_input_tokens)
-
-
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
@@ -874,7 +855,7 @@ def _train(config: TrainConfig, on_step: Callable[[int, dict], None] | None) -> 
         model.train(False)
         with torch.no_grad(), accelerator.autocast():
             for indices in batches:
-                batch = _batch_to(collate_examples([data[i] for i in indices], receiver_pad, sharer_pads), device)
+                batch = collate_examples([data[i] for i in indices], receiver_pad, sharer_pads).to(device)
                 sums[0] += continuation_loss(model, batch).double()
                 sums[1] += batch.num_label_tokens
         model.train(True)
@@ -934,7 +915,7 @@ def _train(config: TrainConfig, on_step: Callable[[int, dict], None] | None) -> 
         lr = scheduler.get_last_lr()[0]
         for i, global_indices in enumerate(micro_batches):
             local = global_indices[rank * config.batch_size:(rank + 1) * config.batch_size]
-            batch = _batch_to(collate_examples([data[j] for j in local], receiver_pad, sharer_pads), device)
+            batch = collate_examples([data[j] for j in local], receiver_pad, sharer_pads).to(device)
             sync = i == len(micro_batches) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(module):
                 loss_sum = module(batch)
