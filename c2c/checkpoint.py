@@ -1,5 +1,8 @@
 """Fuser checkpoints: our own safetensors format, and import of the published `nics-efc/C2C_Fuser` format.
 
+    save_fuser(fuser, folder)                       # ours
+    fuser = load_fuser(folder, receiver.config, sharer.config)   # ours or published, detected
+
 Our format, one folder per fuser (one sharer):
     fuser_config.json   FuserConfig: shapes, layer map, hyper-parameters, receiver/sharer names and
                         signatures, alignment strategy, plus "format": "c2c-fuser/1"
@@ -25,6 +28,7 @@ from c2c.fuser import C2CFuser, FuserConfig
 FORMAT = "c2c-fuser/1"
 CONFIG_NAME = "fuser_config.json"
 WEIGHTS_NAME = "model.safetensors"
+PUBLISHED_CONFIG_NAME = "projector_config.json"
 
 
 def save_fuser(fuser: C2CFuser, folder: str | Path) -> Path:
@@ -71,15 +75,18 @@ def read_fuser_config(path: str | Path) -> FuserConfig:
 
 def load_fuser(folder: str | Path, receiver_config=None, sharer_config=None, *, dtype: torch.dtype | None = None,
                device=None) -> C2CFuser:
-    """Load a fuser saved by `save_fuser`; with model configs given, check it fits that pair first.
-
-    A damaged weights file (truncated, or values that are NaN/inf) raises naming the file."""
-    folder = Path(folder)
+    """Load a fuser checkpoint folder, in eval mode: ours (`fuser_config.json`, written by `save_fuser`) or a
+    published one (`projector_config.json`, see `import_published`). With model configs given, check it fits
+    that pair first. A damaged weights file (truncated, or values that are NaN/inf) raises naming the file."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"fuser checkpoint folder {str(folder)!r} does not exist")
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    if not config_path.exists():
-        published = folder / "projector_config.json"
-        hint = " (it holds a published C2C checkpoint: use c2c.checkpoint.import_published)" if published.exists() else ""
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}{hint}")
+    if not config_path.is_file():
+        if (folder / PUBLISHED_CONFIG_NAME).is_file():
+            return import_published(folder, receiver_config, sharer_config, dtype=dtype).to(device=device)
+        raise FileNotFoundError(f"{folder} holds neither {CONFIG_NAME} (a checkpoint of ours) nor "
+                                f"{PUBLISHED_CONFIG_NAME} (a published C2C checkpoint)")
     if not weights_path.exists():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder}")
     config = read_fuser_config(config_path)
@@ -141,11 +148,11 @@ def import_published(folder: str | Path, receiver_config=None, sharer_config=Non
     checked against that pair (layers, heads, head dims).
     """
     folder = Path(folder)
-    layout = _read_json(folder / "projector_config.json")
+    layout = _read_json(folder / PUBLISHED_CONFIG_NAME)
     try:
         per_layer = layout[str(receiver_index)][str(sharer_index)]
     except KeyError:
-        raise ValueError(f"{folder}/projector_config.json has no entry for receiver {receiver_index} <- sharer "
+        raise ValueError(f"{folder / PUBLISHED_CONFIG_NAME} has no entry for receiver {receiver_index} <- sharer "
                          f"{sharer_index}; it holds {json.dumps({k: list(v) for k, v in layout.items()})}") from None
     receiver_layers = len(per_layer)
     if sorted(int(t) for t in per_layer) != list(range(receiver_layers)):

@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 
 from c2c.align import ALIGNMENT_STRATEGIES
 from c2c.benchmarks import MCItem, get_benchmark, load_benchmark, mc_prompt
-from c2c.checkpoint import CONFIG_NAME, read_fuser_config
+from c2c.checkpoint import CONFIG_NAME, PUBLISHED_CONFIG_NAME, load_fuser, read_fuser_config
 from c2c.fingerprint import code_version
 from c2c.jsonl import read_jsonl
 from c2c.locks import FolderInUseError, folder_lock
@@ -78,7 +78,6 @@ from c2c.methods import (
     ReceiverAlone,
     SharerAlone,
     TextToText,
-    load_fuser,
 )
 from c2c.models import load_model
 from c2c.prefixes import PrefixStore
@@ -617,9 +616,9 @@ def _check_fuser_checkpoint(cfg: dict) -> None:
         folder = Path(entry["fuser"]["checkpoint"]).expanduser()
         if (folder / CONFIG_NAME).is_file():
             read_fuser_config(folder / CONFIG_NAME)
-        elif not (folder / "projector_config.json").is_file():
+        elif not (folder / PUBLISHED_CONFIG_NAME).is_file():
             raise FileNotFoundError(f"method {entry['key']}: fuser checkpoint {str(folder)!r} holds neither "
-                                    f"{CONFIG_NAME} (ours) nor projector_config.json (a published one); train one "
+                                    f"{CONFIG_NAME} (ours) nor {PUBLISHED_CONFIG_NAME} (a published one); train one "
                                     "(c2c.train) or fix fuser.checkpoint")
 
 

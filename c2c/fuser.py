@@ -5,7 +5,7 @@ receiver layer"). All 2 x L networks (L receiver layers, K and V) have identical
 weights are stored *stacked* along a leading group axis G = 2 L (group 2t is layer t's key path,
 2t+1 its value path) and evaluated together: each step of the network is one batched matmul over
 all layers instead of 2 L chains of small kernels. The parameter count is exactly the paper's
-(477,848,056 for Qwen3-0.6B <- Qwen2.5-0.5B); `c2c.checkpoint` maps to and from per-layer weights.
+(477,848,056 for Qwen3-0.6B <- Qwen2.5-0.5B); `c2c.checkpoint` saves and loads fusers (ours, and the published per-layer format).
 
 Per group, for X in {K, V} of one receiver layer:
     h     = in([x_sharer ; x_receiver])                  Linear(Hs*Ds + Hr*Dr -> H)
@@ -283,18 +283,6 @@ class C2CFuser(nn.Module):
         """Parameters the trainer must exclude from weight decay (the gate logits, if configured)."""
         exempt = self.config.exempt_gates_from_weight_decay and self.config.variant == "full"
         return {"gate_logit"} if exempt else set()
-
-    # ---- checkpoints (see c2c.checkpoint) ------------------------------------------------------
-    def save_pretrained(self, folder) -> None:
-        from c2c.checkpoint import save_fuser
-
-        save_fuser(self, folder)
-
-    @classmethod
-    def from_pretrained(cls, folder, receiver_config=None, sharer_config=None, **kwargs) -> "C2CFuser":
-        from c2c.checkpoint import load_fuser
-
-        return load_fuser(folder, receiver_config, sharer_config, **kwargs)
 
 
 def random_fuser(receiver_config, sharer_config, *, seed: int = 0, gate_logit: float | None = None,

@@ -56,6 +56,7 @@ from c2c.benchmarks import (
     t2t_receiver_messages,
     t2t_sharer_prompt,
 )
+from c2c.checkpoint import load_fuser
 from c2c.fingerprint import check_finite, fuser_fingerprint, model_fingerprint, tokenizer_fingerprint
 from c2c.fused import (C2CModel, FusedInputs, check_context, collate, generate_from_prefix, left_pad, pad_token_id,
                        position_ids, prefix_cache)
@@ -514,22 +515,6 @@ class C2C(Method):
 
 def _checksum(modules) -> float:
     return float(sum(p.detach().double().abs().sum() for p in modules.parameters()))
-
-
-def load_fuser(folder: str | Path, receiver_config=None, sharer_config=None, dtype=None):
-    """A fuser from our checkpoint folder (``fuser_config.json``) or a published one (``projector_config.json``)."""
-    from c2c.checkpoint import import_published
-    from c2c.fuser import C2CFuser
-
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"fuser checkpoint folder {str(folder)!r} does not exist")
-    if (folder / "fuser_config.json").is_file():
-        return C2CFuser.from_pretrained(folder, receiver_config, sharer_config, dtype=dtype)
-    if (folder / "projector_config.json").is_file():
-        return import_published(folder, receiver_config, sharer_config, dtype=dtype)
-    raise FileNotFoundError(f"{folder} holds neither fuser_config.json (a checkpoint of ours) nor "
-                            "projector_config.json (a published C2C checkpoint)")
 
 
 METHODS = {cls.name: cls for cls in (ReceiverAlone, SharerAlone, TextToText, C2C)}

@@ -16,7 +16,7 @@ def main() -> None:
     receiver, receiver_tok = load_model("tiny-receiver")  # or "Qwen/Qwen3-0.6B", a local folder, a .gguf file
     sharer, sharer_tok = load_model("tiny-sharer")  # a different tokenizer: aligned token by token
     config = FuserConfig.for_models(receiver.config, sharer.config, layer_map(4, 3), hidden_dim=64, intermediate_dim=64)
-    fuser = C2CFuser(config).eval()  # or C2CFuser.from_pretrained(folder), c2c.checkpoint.import_published(folder)
+    fuser = C2CFuser(config).eval()  # or c2c.checkpoint.load_fuser(folder): ours or a published one
     model = C2CModel(receiver, receiver_tok, [sharer], [sharer_tok], [fuser])
     inputs = model.prepare([[{"role": "user", "content": "What is the capital of France?"}]])
     fused = model.generate(inputs, max_new_tokens=16, do_sample=False)

@@ -4,7 +4,7 @@
     accelerate launch -m c2c.train --config configs/train_paper.yaml
 
 or, from Python, `train("configs/train_tiny.yaml")` / `train({...})`, which returns the folder of the
-final fuser (`C2CFuser.from_pretrained(folder)` loads it).
+final fuser (`c2c.checkpoint.load_fuser(folder)` loads it).
 
 What happens (spec, "Training recipe"): only the fusers train; receiver and sharer are frozen in eval
 mode. Each example is a chat instruction (fused prefill) and the last assistant turn (scored by
@@ -25,9 +25,9 @@ Run folder (`output_dir`):
                              elapsed_s (wall-clock seconds of the training loop so far: evaluation and
                              checkpoints included, loading models/data/prompt caches not; a resumed run
                              continues from its checkpoint's count)
-    checkpoint-000500/       the fuser (save_pretrained) + training_state.pt (optimizer, scheduler,
+    checkpoint-000500/       the fuser (c2c.checkpoint.save_fuser) + training_state.pt (optimizer, scheduler,
                              step, data position, loss window) + rng_state_<rank>.pt
-    final/                   the final fuser (save_pretrained)
+    final/                   the final fuser (c2c.checkpoint.save_fuser)
 A run whose folder holds checkpoints resumes from the latest one (`resume: true`), exactly: the
 data order is a function of (seed, epoch) and every RNG state is restored, so on CPU a resumed
 run ends with bit-identical weights to an uninterrupted one. A latest checkpoint that is incomplete
@@ -66,7 +66,7 @@ import yaml
 from torch import nn
 
 from c2c.align import LAYER_MAP_STRATEGIES, layer_map
-from c2c.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_fuser_config
+from c2c.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_fuser_config, save_fuser
 from c2c.data import (
     DROP_REASONS,
     TrainBatch,
@@ -871,7 +871,7 @@ def _train(config: TrainConfig, on_step: Callable[[int, dict], None] | None) -> 
         if not final_save:  # per process: its RNG streams and its share of the loss window
             torch.save({"rng": _rng_state(), "window_loss": window_loss.detach().cpu()}, tmp / f"rng_state_{rank}.pt")
         if main:
-            fuser.save_pretrained(tmp)
+            save_fuser(fuser, tmp)
             if not final_save:
                 torch.save({"step": step, "epoch": step // steps_per_epoch, "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "window_tokens": window_tokens,

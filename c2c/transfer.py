@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from c2c.checkpoint import load_fuser
 from c2c.data import collate_examples, load_tokenized, split_indices
 from c2c.fused import C2CModel, position_ids
-from c2c.fuser import C2CFuser
 from c2c.models import load_model
 from c2c.train import TrainConfig, load_config, read_log, train
 
@@ -46,7 +46,7 @@ def held_out_answer_accuracy(run: str | Path, answerers: Sequence[str] = ("c2c",
     config = load_config(run / "config.yaml")
     if not is_fact_task(config):
         raise ValueError(f"{run} trained on {config.dataset!r}, not the synthetic-facts task: no answers to check")
-    fuser = C2CFuser.from_pretrained(run / "final")
+    fuser = load_fuser(run / "final")
     receiver, receiver_tok = load_model(fuser.config.receiver)
     sharer, sharer_tok = load_model(fuser.config.sharer)
     data = load_tokenized(config.dataset, receiver_tok, [sharer_tok], max_examples=config.max_examples,

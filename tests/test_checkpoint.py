@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from c2c.fuser import C2CFuser
+from c2c.checkpoint import load_fuser, save_fuser
 from conftest import make_fuser
 
 
@@ -14,12 +14,12 @@ def test_round_trip_is_exact(tmp_path, tiny_receiver, tiny_sharer):
     receiver, sharer = tiny_receiver[0], tiny_sharer[0]
     fuser = make_fuser(receiver, sharer, seed=5, receiver="tiny-receiver", sharer="tiny-sharer", alignment="longest")
     fuser.set_step(700)
-    fuser.save_pretrained(tmp_path / "fuser")
+    save_fuser(fuser, tmp_path / "fuser")
     config = json.loads((tmp_path / "fuser" / "fuser_config.json").read_text())
     assert config["receiver"] == "tiny-receiver" and config["sharer"] == "tiny-sharer"
     assert config["layer_map"] == [0, 0, 1, 2] and config["alignment"] == "longest"
     assert config["receiver_signature"]["model_type"] == "qwen3"
-    loaded = C2CFuser.from_pretrained(tmp_path / "fuser", receiver.config, sharer.config)
+    loaded = load_fuser(tmp_path / "fuser", receiver.config, sharer.config)
     assert not loaded.training
     for name, tensor in fuser.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name]), name
@@ -32,28 +32,31 @@ def test_round_trip_is_exact(tmp_path, tiny_receiver, tiny_sharer):
 
 def test_loading_for_the_wrong_pair_names_the_mismatch(tmp_path, tiny_receiver, tiny_sharer):
     receiver, sharer = tiny_receiver[0], tiny_sharer[0]
-    make_fuser(receiver, sharer).save_pretrained(tmp_path / "fuser")
+    save_fuser(make_fuser(receiver, sharer), tmp_path / "fuser")
     with pytest.raises(ValueError, match="receiver model_type: fuser expects qwen3, model has llama"):
-        C2CFuser.from_pretrained(tmp_path / "fuser", sharer.config, receiver.config)
+        load_fuser(tmp_path / "fuser", sharer.config, receiver.config)
 
 
 def test_loading_rejects_shapes_that_differ_from_the_config(tmp_path, tiny_receiver, tiny_sharer):
     folder = tmp_path / "fuser"
-    make_fuser(tiny_receiver[0], tiny_sharer[0]).save_pretrained(folder)
+    save_fuser(make_fuser(tiny_receiver[0], tiny_sharer[0]), folder)
     state = load_file(folder / "model.safetensors")
     state["input.weight"] = state["input.weight"][:, :, :5].contiguous()
     save_file(state, folder / "model.safetensors")
     with pytest.raises(ValueError, match=r"input.weight: expected shape \(8, 56, 32\), found \(8, 56, 5\)"):
-        C2CFuser.from_pretrained(folder)
+        load_fuser(folder)
     del state["input.weight"]
     save_file(state, folder / "model.safetensors")
     with pytest.raises(ValueError, match="missing input.weight"):
-        C2CFuser.from_pretrained(folder)
+        load_fuser(folder)
 
 
-def test_missing_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no fuser_config.json"):
-        C2CFuser.from_pretrained(tmp_path)
-    (tmp_path / "projector_config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="import_published"):
-        C2CFuser.from_pretrained(tmp_path)
+def test_missing_files_are_named(tmp_path, tiny_receiver, tiny_sharer):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_fuser(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="holds neither fuser_config.json .* nor projector_config.json"):
+        load_fuser(tmp_path)
+    save_fuser(make_fuser(tiny_receiver[0], tiny_sharer[0]), tmp_path / "fuser")
+    (tmp_path / "fuser" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors in"):
+        load_fuser(tmp_path / "fuser")

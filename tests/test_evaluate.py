@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from c2c.benchmarks import extract_answer, load_benchmark, mc_prompt, write_tiny_fixtures
+from c2c.checkpoint import save_fuser
 from c2c.evaluate import (
     EvalReport,
     EvaluationError,
@@ -285,7 +286,7 @@ def test_static_cache_setting_reaches_every_method():
 
 def test_alignment_defaults_to_the_fusers_own(tmp_path, tiny_receiver, tiny_sharer):
     fuser = make_fuser(tiny_receiver[0], tiny_sharer[0], alignment="first")
-    fuser.save_pretrained(tmp_path / "fuser")
+    save_fuser(fuser, tmp_path / "fuser")
     base = {"receiver": "tiny-receiver", "sharer": "tiny-sharer", "methods": ["c2c"],
             "fuser": {"checkpoint": str(tmp_path / "fuser")},
             "benchmarks": [{"name": "arc-challenge", "source": "tiny-fixtures"}]}
@@ -342,8 +343,8 @@ def _control_config(fuser_folder, identical_folder, **overrides) -> dict:
 
 def test_identical_control_prompt_caches_and_paired_statistics(tmp_path, tiny_receiver, tiny_sharer):
     (receiver, _), (sharer, _) = tiny_receiver, tiny_sharer
-    make_fuser(receiver, sharer, seed=1, gate_logit=1.0).save_pretrained(tmp_path / "fuser")
-    make_fuser(receiver, receiver, seed=2, gate_logit=1.0).save_pretrained(tmp_path / "identical")
+    save_fuser(make_fuser(receiver, sharer, seed=1, gate_logit=1.0), tmp_path / "fuser")
+    save_fuser(make_fuser(receiver, receiver, seed=2, gate_logit=1.0), tmp_path / "identical")
     online = run_eval(_control_config(tmp_path / "fuser", tmp_path / "identical"), tmp_path / "online", progress=False)
     cached = run_eval(_control_config(tmp_path / "fuser", tmp_path / "identical", prefix_cache=True),
                       tmp_path / "cached", progress=False)

@@ -20,9 +20,9 @@ import torch
 
 from c2c import fingerprint
 from c2c.benchmarks import MCItem, write_tiny_fixtures
-from c2c.checkpoint import load_fuser
+from c2c.checkpoint import load_fuser, save_fuser
 from c2c.evaluate import run_eval
-from c2c.fuser import C2CFuser, random_fuser
+from c2c.fuser import random_fuser
 from c2c.fused import ContextLengthError
 from c2c.locks import FolderInUseError
 from c2c.methods import C2C, ReceiverAlone, SharerAlone, TextToText
@@ -106,9 +106,9 @@ def truncate(path: Path) -> None:
 
 def test_eval_records_of_a_fuser_retrained_in_place_are_not_reused(tmp_path, tiny_receiver, tiny_sharer):
     fuser_folder = tmp_path / "fuser"
-    make_fuser(tiny_receiver[0], tiny_sharer[0], seed=0, gate_logit=1.0).save_pretrained(fuser_folder)
+    save_fuser(make_fuser(tiny_receiver[0], tiny_sharer[0], seed=0, gate_logit=1.0), fuser_folder)
     run_eval(c2c_config(fuser_folder), tmp_path / "out", progress=False)
-    make_fuser(tiny_receiver[0], tiny_sharer[0], seed=1, gate_logit=1.0).save_pretrained(fuser_folder)  # retrained
+    save_fuser(make_fuser(tiny_receiver[0], tiny_sharer[0], seed=1, gate_logit=1.0), fuser_folder)  # retrained
     with pytest.raises(ValueError, match=r"c2c_logits/arc-challenge\.jsonl holds results of a different setup: the "
                                          r"fuser's weights or config changed \(e.g. retrained in place\).*fresh output "
                                          r"folder.*or delete"):
@@ -341,7 +341,7 @@ def test_a_damaged_converted_offline_model_is_converted_again(tmp_path, monkeypa
 
 def test_a_damaged_fuser_file_is_named(tmp_path, tiny_receiver, tiny_sharer):
     folder = tmp_path / "fuser"
-    make_fuser(tiny_receiver[0], tiny_sharer[0]).save_pretrained(folder)
+    save_fuser(make_fuser(tiny_receiver[0], tiny_sharer[0]), folder)
     weights = folder / "model.safetensors"
     good = weights.read_bytes()
     truncate(weights)
@@ -355,7 +355,7 @@ def test_a_damaged_fuser_file_is_named(tmp_path, tiny_receiver, tiny_sharer):
 
 def test_a_malformed_or_unknown_fuser_config_is_named(tmp_path, tiny_receiver, tiny_sharer):
     folder = tmp_path / "fuser"
-    make_fuser(tiny_receiver[0], tiny_sharer[0]).save_pretrained(folder)
+    save_fuser(make_fuser(tiny_receiver[0], tiny_sharer[0]), folder)
     config_path = folder / "fuser_config.json"
     good = json.loads(config_path.read_text())
     config_path.write_text(config_path.read_text()[:-20])
@@ -422,7 +422,7 @@ def test_resume_falls_back_to_the_last_good_checkpoint_with_a_warning(tmp_path, 
         resumed = train(config)
     assert re.search(r"cannot resume from .*checkpoint-000004 \(model.safetensors is missing\); falling back",
                      caplog.text)
-    a, b = C2CFuser.from_pretrained(straight).state_dict(), C2CFuser.from_pretrained(resumed).state_dict()
+    a, b = load_fuser(straight).state_dict(), load_fuser(resumed).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # resumed from checkpoint 2: still exact
 
 
@@ -453,7 +453,7 @@ def test_cuda_on_a_machine_without_one_is_refused_before_any_model_loads(tmp_pat
 def test_a_missing_or_malformed_fuser_checkpoint_is_refused_before_any_model_loads(tmp_path, monkeypatch,
                                                                                   tiny_receiver, tiny_sharer):
     folder = tmp_path / "fuser"
-    make_fuser(tiny_receiver[0], tiny_sharer[0]).save_pretrained(folder)
+    save_fuser(make_fuser(tiny_receiver[0], tiny_sharer[0]), folder)
     (folder / "fuser_config.json").write_text("{not json")
     no_model_may_load(monkeypatch)
     with pytest.raises(ValueError, match=r"fuser_config.json is not valid JSON"):
@@ -464,8 +464,8 @@ def test_a_missing_or_malformed_fuser_checkpoint_is_refused_before_any_model_loa
 
 def test_a_fuser_trained_with_other_model_names_warns(tmp_path, tiny_receiver, tiny_sharer, caplog):
     folder = tmp_path / "fuser"
-    random_fuser(tiny_receiver[0].config, tiny_sharer[0].config, hidden_dim=16, intermediate_dim=16,
-                 receiver="some-other-receiver", sharer="tiny-sharer").save_pretrained(folder)
+    save_fuser(random_fuser(tiny_receiver[0].config, tiny_sharer[0].config, hidden_dim=16, intermediate_dim=16,
+                            receiver="some-other-receiver", sharer="tiny-sharer"), folder)
     with caplog.at_level(logging.WARNING):
         run_eval(c2c_config(folder), tmp_path / "out", progress=False)
     assert "the fuser was trained with receiver 'some-other-receiver', this run's receiver is 'tiny-receiver'" \

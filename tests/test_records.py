@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from c2c.checkpoint import save_fuser
 from c2c.evaluate import run_eval
 from c2c.fuse_fraction import PartialC2C
 from c2c.methods import C2C, ReceiverAlone, letter_scoring
@@ -44,7 +45,7 @@ def test_records_methods_and_items_match_the_evaluation(tmp_path):
                                                                                    "arc-challenge")
     assert not same_setup(methods["r"], tmp_path, "c", "arc-challenge")  # other models than the records'
     other = tmp_path / "other_fuser"
-    make_fuser(methods["c"].model.receiver, methods["c"].model.sharers[0], seed=9).save_pretrained(other)
+    save_fuser(make_fuser(methods["c"].model.receiver, methods["c"].model.sharers[0], seed=9), other)
     swapped = config_methods(CONFIG, ["c"], fuser_checkpoint=other)["c"]
     assert swapped.fuser_name == f"checkpoint:{other}" and not same_setup(swapped, tmp_path, "c", "arc-challenge")
     with pytest.raises(FileNotFoundError, match="Run the evaluation"):

@@ -8,9 +8,10 @@ import pytest
 import torch
 import yaml
 
+from c2c.checkpoint import load_fuser
 from c2c.data import collate_examples, load_conversations, tokenize_chats
 from c2c.fused import C2CModel
-from c2c.fuser import C2CFuser, FuserConfig, gate_temperature
+from c2c.fuser import FuserConfig, gate_temperature
 from c2c.train import (
     TrainConfig,
     checkpoints,
@@ -170,7 +171,7 @@ def test_training_runs_logs_and_saves_a_loadable_fuser(tmp_path, tiny_receiver, 
     assert [p.name for p in checkpoints(run)] == ["checkpoint-000002", "checkpoint-000004"]
     for name, p in receiver.named_parameters():
         assert torch.equal(p, frozen[name])  # the frozen receiver did not move
-    fuser = C2CFuser.from_pretrained(final, receiver.config, sharer.config)
+    fuser = load_fuser(final, receiver.config, sharer.config)
     assert not torch.equal(fuser.gate_logit, torch.zeros_like(fuser.gate_logit))
     assert fuser.config.anneal_steps == 5 and fuser.config.sharer == "tiny-sharer"
     assert fuser.config.exempt_gates_from_weight_decay is False  # recorded in the checkpoint
@@ -213,8 +214,8 @@ def test_a_killed_run_resumes_exactly(tmp_path):
     assert [p.name for p in checkpoints(tmp_path / "interrupted")] == ["checkpoint-000002"]
     assert read_log(tmp_path / "interrupted")[-1]["step"] == 3  # logged past the checkpoint
     resumed = train(config)
-    a = C2CFuser.from_pretrained(straight).state_dict()
-    b = C2CFuser.from_pretrained(resumed).state_dict()
+    a = load_fuser(straight).state_dict()
+    b = load_fuser(resumed).state_dict()
     for name in a:
         assert torch.equal(a[name], b[name]), name
     timing = ("tokens_per_s", "elapsed_s")  # wall-clock: differs between runs
@@ -231,7 +232,7 @@ def test_a_killed_run_resumes_exactly(tmp_path):
 def test_bf16_autocast_with_or_without_fp32_master_weights(tmp_path, master):
     """bf16 (here on CPU): frozen models in bf16 under autocast; the fuser trains in fp32 or in pure bf16."""
     final = train(tiny_run(tmp_path, max_steps=2, precision="bf16", fp32_master_weights=master, eval_every=0))
-    fuser = C2CFuser.from_pretrained(final)
+    fuser = load_fuser(final)
     assert fuser.input.weight.dtype == (torch.float32 if master else torch.bfloat16)
     log = read_log(tmp_path / "run")
     assert math.isfinite(log[-1]["train_loss"]) and math.isfinite(log[-1]["eval_loss"])
@@ -271,7 +272,7 @@ def test_command_line_entry_point(tmp_path):
     main(["--config", str(config), "--max_steps", "1", "--eval_every", "0", "--fuser.hidden_dim", "8"])
     saved = yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())
     assert saved["max_steps"] == 1 and saved["fuser"]["hidden_dim"] == 8
-    assert C2CFuser.from_pretrained(tmp_path / "cli" / "final").config.hidden_dim == 8
+    assert load_fuser(tmp_path / "cli" / "final").config.hidden_dim == 8
     with pytest.raises(SystemExit, match="usage"):
         main([])
 
@@ -298,4 +299,4 @@ def test_fuser_transfers_knowledge_only_the_sharer_has(tmp_path):
     assert c2c["held_out_loss"] < control["held_out_loss"] - 0.08
     assert c2c["answer_accuracy"] >= receiver["answer_accuracy"] + 0.2
     assert c2c["answer_accuracy"] >= control["answer_accuracy"] + 0.2
-    assert C2CFuser.from_pretrained(tmp_path / "expert" / "final").open_gates().any()
+    assert load_fuser(tmp_path / "expert" / "final").open_gates().any()
