@@ -883,7 +883,8 @@ def run_eval(config: str | os.PathLike | dict, out: str | os.PathLike | None = N
 
     out: the run folder (default: the config's ``output``, else ``results/<name>``). overrides:
     top-level config keys (``limit=50``, ``batch_size=4``, ...) applied before the config is checked
-    and saved. methods / benchmarks: run only these method keys or names / benchmark names.
+    and saved. methods / benchmarks: run only these method keys (a name that is no key: every method of that
+    name) / benchmark names.
     Benchmarks are all loaded (and their files checked) before any model is loaded.
     """
     raw = _read_raw(config)
@@ -895,7 +896,8 @@ def run_eval(config: str | os.PathLike | dict, out: str | os.PathLike | None = N
         if unknown:
             raise ValueError(f"methods {sorted(unknown)} are not in the config; it has "
                              f"{[m['key'] for m in cfg['methods']]}")
-        cfg["methods"] = [m for m in cfg["methods"] if m["key"] in wanted or m["name"] in wanted]
+        keys = {m["key"] for m in cfg["methods"]}  # a key selects that method; a name that is no key, all of that name
+        cfg["methods"] = [m for m in cfg["methods"] if m["key"] in wanted or (m["name"] in wanted - keys)]
     if benchmarks:
         unknown = set(benchmarks) - {b["name"] for b in cfg["benchmarks"]}
         if unknown:

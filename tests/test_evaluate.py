@@ -384,3 +384,14 @@ def test_identical_control_prompt_caches_and_paired_statistics(tmp_path, tiny_re
         load_config(_control_config(tmp_path, tmp_path, comparisons=[["t2t_logits", "receiver_logits"]]))
     with pytest.raises(ValueError, match="per method for c2c only"):
         load_config(_control_config(tmp_path, tmp_path, methods=[{"name": "receiver", "sharer": "tiny-receiver"}]))
+
+
+def test_selecting_a_method_by_key_does_not_select_others_of_its_name(tmp_path, tiny_receiver, tiny_sharer):
+    save_fuser(make_fuser(tiny_receiver[0], tiny_sharer[0], seed=1), tmp_path / "fuser")
+    config = _control_config(tmp_path / "fuser", tmp_path / "not-trained-yet")
+    config["methods"][2] = {"name": "c2c", "key": "c2c"}
+    config["comparisons"] = [["c2c", "receiver_logits"]]
+    report = run_eval(config, tmp_path / "out", methods=["c2c"], benchmarks=["arc-challenge"], progress=False)
+    assert [m["key"] for m in report.methods] == ["c2c"]  # not the Identical control (its fuser is missing)
+    by_name = load_config({**config, "methods": config["methods"][:2] + [{"name": "c2c"}], "comparisons": []})
+    assert [m["key"] for m in by_name["methods"]] == ["receiver_logits", "sharer_logits", "c2c_logits"]
