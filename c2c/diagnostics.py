@@ -1,0 +1,102 @@
+"""Why a fuser helps a receiver, or does not: its training curve, its gates and dynamic weights on real
+prompts, and which items its gain comes from.
+
+The numbers issue 14 asks for when a fuser falls short: loss curves, gate logits and the fraction open at
+inference, the mean dynamic weight per layer, and whether the sharer alone answers the items C2C gets right.
+Everything here reads what training and evaluation left (``log.jsonl``, per-item records) or runs the fuser
+on prompts without changing it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from c2c.analysis import gate_table
+from c2c.jsonl import read_jsonl
+from c2c.records import correct_by_id, fused_inputs, method_records
+
+
+def training_curve(run_dir: str | os.PathLike) -> dict:
+    """Train and held-out loss of a ``c2c.train`` run: the logged points and a summary."""
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {run_dir} is not a c2c.train run folder")
+    records = read_jsonl(path, fix=f"delete the torn line of {path}")
+    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+    held_out = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train and not held_out:
+        raise ValueError(f"{path} holds no losses")
+    return {
+        "train": train, "eval": held_out,
+        "first_train_loss": train[0][1] if train else None, "last_train_loss": train[-1][1] if train else None,
+        "first_eval_loss": held_out[0][1] if held_out else None, "last_eval_loss": held_out[-1][1] if held_out else None,
+        "min_eval_loss": min(v for _, v in held_out) if held_out else None,
+        "elapsed_s": max((r.get("elapsed_s", 0.0) for r in records), default=None),
+    }
+
+
+@torch.no_grad()
+def dynamic_weights(method, items: Sequence) -> list[dict]:
+    """Per receiver layer: gate logits, open at inference, and the mean dynamic weight alpha of the K and V
+    paths over every prompt position and receiver head of these items (one item per forward, so no padding
+    enters the means), and the effective scale gate * alpha that multiplies the projected sharer cache.
+
+    method: a ``c2c.methods.C2C`` with one sharer; items: benchmark items (``MCItem``).
+    """
+    fuser = method.model.fusers[0]
+    if not hasattr(fuser, "weight_head"):
+        raise ValueError(f"this fuser (variant {fuser.config.variant!r}) has no dynamic weights")
+    groups = fuser.gate_logit.numel() if hasattr(fuser, "gate_logit") else 2 * fuser.config.receiver_layers
+    totals = torch.zeros(groups, dtype=torch.float64)
+    count = 0
+
+    def accumulate(module, args, output):  # output: (G, M, Hr) logits of alpha
+        nonlocal count
+        alpha = torch.sigmoid(output.double())
+        totals.add_(alpha.sum(dim=(1, 2)).cpu())
+        count += alpha.shape[1] * alpha.shape[2]
+
+    handle = fuser.weight_head.register_forward_hook(accumulate)
+    try:
+        for item in items:
+            method.model.prefill(fused_inputs(method, [item]))
+    finally:
+        handle.remove()
+    if count == 0:
+        raise ValueError("no items: dynamic weights need at least one prompt")
+    means = (totals / count).view(-1, 2)  # (L, 2): K, V
+    rows = gate_table(fuser) if hasattr(fuser, "gate_logit") else [
+        {"layer": t, "key_logit": None, "value_logit": None, "key_open": True, "value_open": True}
+        for t in range(means.shape[0])]
+    for row, (key_alpha, value_alpha) in zip(rows, means.tolist()):
+        row.update(key_alpha=key_alpha, value_alpha=value_alpha,
+                   key_scale=key_alpha * row["key_open"], value_scale=value_alpha * row["value_open"])
+    return rows
+
+
+def gain_sources(out: str | os.PathLike, benchmark: str, c2c: str = "c2c", receiver: str = "receiver",
+                 sharer: str = "sharer") -> dict:
+    """Where C2C's gain over the receiver comes from, on the items all three methods answered.
+
+    gained: C2C right, receiver wrong; of those, sharer_right_on_gained. lost: C2C wrong, receiver right.
+    agrees_with_sharer / agrees_with_receiver: fraction of items whose predicted letter equals that method's.
+    """
+    records = {key: {r["id"]: r for r in method_records(out, key, benchmark)} for key in (c2c, receiver, sharer)}
+    ids = sorted(set(records[c2c]) & set(records[receiver]) & set(records[sharer]))
+    if not ids:
+        raise ValueError(f"{c2c}, {receiver} and {sharer} have no item of {benchmark} in common in {out}")
+    right = {key: correct_by_id([records[key][i] for i in ids]) for key in records}
+    gained = [i for i in ids if right[c2c][i] and not right[receiver][i]]
+    lost = [i for i in ids if not right[c2c][i] and right[receiver][i]]
+
+    def agreement(other: str) -> float:
+        return sum(records[c2c][i].get("pred") == records[other][i].get("pred") for i in ids) / len(ids)
+
+    return {"benchmark": benchmark, "items": len(ids), "gained": len(gained), "lost": len(lost),
+            "sharer_right_on_gained": sum(right[sharer][i] for i in gained),
+            "sharer_right_on_lost": sum(right[sharer][i] for i in lost),
+            "agrees_with_sharer": agreement(sharer), "agrees_with_receiver": agreement(receiver)}
