@@ -14,8 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from c2c.analysis import gate_table
+from c2c.data import IGNORE_INDEX, collate_examples
+from c2c.fused import pad_token_id
 from c2c.jsonl import read_jsonl
 from c2c.records import correct_by_id, fused_inputs, method_records
 
@@ -37,6 +40,38 @@ def training_curve(run_dir: str | os.PathLike) -> dict:
         "min_eval_loss": min(v for _, v in held_out) if held_out else None,
         "elapsed_s": max((r.get("elapsed_s", 0.0) for r in records), default=None),
     }
+
+
+@torch.no_grad()
+def answer_token_losses(model, examples: Sequence, batch_size: int = 8) -> dict:
+    """Mean cross-entropy of the receiver at each position of the answer turn of tokenized training examples
+    (``c2c.data.ChatExample``), as the training loss scores them, and how often the first answer token is the
+    receiver's top-1. With an answer prefix such as "The correct answer is", position 0 is the answer letter
+    and the later positions are "." and the end of the turn: a fuser can lower the training loss by fixing
+    the format alone, which this tells apart.
+
+    model: a ``c2c.fused.C2CModel`` (its gates closed: the receiver alone). Returns {"cross_entropy":
+    [mean per position], "examples": [count per position], "first_token_top1": fraction}.
+    """
+    if not examples:
+        raise ValueError("no examples to score")
+    sums, counts, top1 = [], [], 0
+    sharer_pads = [pad_token_id(t) for t in model.sharer_tokenizers]
+    for start in range(0, len(examples), batch_size):
+        batch = collate_examples(examples[start:start + batch_size], pad_token_id(model.receiver_tokenizer),
+                                 sharer_pads).to(model.receiver.device)
+        logits = model(batch.inputs, batch.continuation_ids[:, :-1], batch.continuation_mask[:, :-1])  # (B, R, V)
+        losses = F.cross_entropy(logits.double().transpose(1, 2), batch.labels, reduction="none")  # (B, R)
+        scored = batch.labels != IGNORE_INDEX
+        for position in range(losses.shape[1]):
+            if position == len(sums):
+                sums.append(0.0)
+                counts.append(0)
+            sums[position] += float(losses[:, position][scored[:, position]].sum())
+            counts[position] += int(scored[:, position].sum())
+        top1 += int((logits[:, 0].argmax(-1) == batch.labels[:, 0]).sum())
+    return {"cross_entropy": [s / c for s, c in zip(sums, counts)], "examples": counts,
+            "first_token_top1": top1 / len(examples)}
 
 
 @torch.no_grad()

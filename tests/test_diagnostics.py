@@ -5,8 +5,12 @@ import json
 import pytest
 import torch
 
-from c2c.diagnostics import dynamic_weights, gain_sources, training_curve
+from c2c.align import AlignedPrompt
+from c2c.data import ChatExample
+from c2c.diagnostics import answer_token_losses, dynamic_weights, gain_sources, training_curve
+from c2c.fused import C2CModel
 from c2c.records import config_items, config_methods, records_path
+from conftest import make_fuser
 
 CONFIG = {"name": "t", "receiver": "tiny-receiver", "sharer": "tiny-sharer", "device": "cpu", "scoring": "logits",
           "fuser": {"random": {"seed": 0, "hidden_dim": 16, "intermediate_dim": 16, "gate_logit": 1.0}},
@@ -62,3 +66,36 @@ def test_training_curve(tmp_path):
     assert curve["elapsed_s"] == 9.5
     with pytest.raises(FileNotFoundError, match="not a c2c.train run folder"):
         training_curve(tmp_path / "missing")
+
+
+def test_answer_token_losses_of_closed_gates_are_the_receivers_own(tiny_receiver):
+    model, tokenizer = tiny_receiver
+    fuser = make_fuser(model, model, gate_logit=-1.0)  # every gate closed: C2C is the receiver alone
+    fused = C2CModel(model, tokenizer, [model], [tokenizer], [fuser])
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for prompt_length, answer_length in [(7, 3), (11, 1), (5, 4)]:  # different lengths: padded batches
+        ids = torch.randint(5, model.config.vocab_size, (prompt_length + answer_length,), generator=g).tolist()
+        n = prompt_length
+        if answer_length > 1:  # the first answer token is the receiver's own top-1 here, so top-1 counts it
+            with torch.no_grad():
+                ids[n] = int(model(input_ids=torch.tensor([ids[:n]])).logits[0, -1].argmax())
+        examples.append(ChatExample([AlignedPrompt(ids[:n], ids[:n], list(range(n)), [True] * n)], ids[n:]))
+    got = answer_token_losses(fused, examples, batch_size=2)
+    # reference: the receiver's own forward over each whole sequence, one at a time, in float64 from its logits
+    per_position = {}
+    top1 = 0
+    with torch.no_grad():
+        for e in examples:
+            ids = torch.tensor([e.prompt_ids + e.continuation_ids])
+            logprobs = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)  # (N, V)
+            n = len(e.prompt_ids)
+            for p, token in enumerate(e.continuation_ids):
+                per_position.setdefault(p, []).append(-float(logprobs[n - 1 + p, token]))
+            top1 += int(logprobs[n - 1].argmax()) == e.continuation_ids[0]
+    assert got["examples"] == [len(per_position[p]) for p in sorted(per_position)] == [3, 2, 2, 1]
+    expected = [sum(v) / len(v) for _, v in sorted(per_position.items())]
+    assert got["cross_entropy"] == pytest.approx(expected, abs=1e-4)
+    assert top1 == 2 and got["first_token_top1"] == top1 / 3
+    with pytest.raises(ValueError, match="no examples"):
+        answer_token_losses(fused, [])
