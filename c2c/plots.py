@@ -14,10 +14,66 @@ from matplotlib.patches import Circle
 from c2c.paths import REPO_ROOT
 
 
+# the four systems of the paper: a short name and one colour each, the same in every figure
+METHODS = {"receiver": ("Receiver", "#8c8c8c"), "sharer": ("Sharer", "#4c72b0"), "t2t": ("T2T", "#55a868"),
+           "c2c": ("C2C", "#dd8452")}
+
+
+def style() -> None:
+    """The project style (seaborn whitegrid, paper context, legends without frames); figure() applies it."""
+    sns.set_theme(style="whitegrid", context="paper", font_scale=1.1,
+                  rc={"axes.titlesize": 10, "legend.fontsize": 8, "legend.frameon": False, "figure.dpi": 110})
+
+
 def figure(width: float = 6.0, height: float = 3.6, **subplot_kwargs):
     """A new figure in the project style: (fig, ax) or (fig, axes)."""
-    sns.set_theme(style="whitegrid", context="paper", font_scale=1.1)
+    style()
     return plt.subplots(figsize=(width, height), constrained_layout=True, **subplot_kwargs)
+
+
+def method_labels(methods: list[dict]) -> list[str]:
+    """Short legend labels of evaluation method entries ({name, key}): "C2C"; where several entries share a name,
+    the rest of each key tells them apart ("C2C generate", "C2C logits", "C2C identical lr5e-4")."""
+    names = [m["name"] for m in methods]
+    labels = []
+    for m in methods:
+        short = METHODS[m["name"]][0] if m["name"] in METHODS else m["name"]
+        rest = m["key"].removeprefix(m["name"]).strip("_").replace("_", " ")
+        labels.append(f"{short} {rest}" if names.count(m["name"]) > 1 and rest else short)
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"method keys {[m['key'] for m in methods]} give duplicate labels {labels}")
+    return labels
+
+
+def grouped_bars(ax, groups: list[str], series: dict[str, tuple[list, list, list]], colours: list | None = None):
+    """Bars per group (x) and series (hue), each with its interval as an error bar: series maps a label to
+    (values, lows, highs), None where there is no value or no interval."""
+    width = 0.8 / len(series)
+    colours = colours or sns.color_palette(n_colors=len(series))
+    for i, ((label, (values, lows, highs)), colour) in enumerate(zip(series.items(), colours)):
+        x = np.arange(len(groups)) - 0.4 + width * (i + 0.5)
+        y = np.array([np.nan if v is None else v for v in values], dtype=float)
+        err = np.array([[np.nan if v is None or lo is None else v - lo for v, lo in zip(values, lows)],
+                        [np.nan if v is None or hi is None else hi - v for v, hi in zip(values, highs)]])
+        ax.bar(x, y, width=width, color=colour, label=label, yerr=None if np.isnan(err).all() else err, capsize=2,
+               error_kw={"elinewidth": 0.8, "ecolor": "0.2"})
+    ax.set_xticks(np.arange(len(groups)), groups)
+
+
+def legend_outside(ax, **kwargs) -> None:
+    """The legend right of the axes, where it cannot cover a bar or a point."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), **kwargs)
+
+
+def chance(ax, value: float, label: str = "chance", horizontal: bool = True) -> None:
+    """A dashed reference line at `value` (accuracy of guessing), in the legend as `label`."""
+    (ax.axhline if horizontal else ax.axvline)(value, color="0.25", ls="--", lw=1, label=label, zorder=0.5)
+
+
+def logit_limit(logits) -> float:
+    """The half-width of a symmetric colour scale for gate logits: max(1, max |logit|), so that logits near 0
+    (a gate on the fence) stay pale instead of filling the scale."""
+    return max(1.0, float(np.abs(np.asarray(logits, dtype=float)).max(initial=0.0)))
 
 
 def save(fig, name: str, profile: str, caption: str, folder: Path | None = None) -> list[Path]:

@@ -1,11 +1,12 @@
-"""Figure helpers: each Venn count sits in its own region; radar polygons close; save writes PNG + PDF."""
+"""Figure helpers: each Venn count sits in its own region; radar polygons close; save writes PNG + PDF; short
+method labels; error bars span the intervals; the gate colour scale."""
 
 import math
 from itertools import product
 
 import pytest
 
-from c2c.plots import _VENN_CENTRES, _VENN_LABELS, figure, radar, save, venn3
+from c2c.plots import _VENN_CENTRES, _VENN_LABELS, figure, grouped_bars, logit_limit, method_labels, radar, save, venn3
 
 
 def test_each_venn_label_lies_in_exactly_its_circles():
@@ -29,3 +30,29 @@ def test_venn_radar_and_save(tmp_path):
     assert list(line.get_ydata()) == [0.1, 0.2, 0.3, 0.1]  # closed polygon
     with pytest.raises(ValueError, match="spokes"):
         radar(ax, ["a", "b"], {"x": [0.1]})
+
+
+def test_method_labels_are_short_and_tell_same_named_methods_apart():
+    methods = [{"name": "receiver", "key": "receiver_generate"}, {"name": "t2t", "key": "t2t_generate"},
+               {"name": "c2c", "key": "c2c_generate"}, {"name": "c2c", "key": "c2c_logits"}]
+    assert method_labels(methods) == ["Receiver", "T2T", "C2C generate", "C2C logits"]
+    assert method_labels([{"name": "c2c", "key": "c2c"}, {"name": "c2c", "key": "c2c_identical_lr5e-4"}]) == \
+        ["C2C", "C2C identical lr5e-4"]
+    with pytest.raises(ValueError, match="duplicate labels"):
+        method_labels([{"name": "c2c", "key": "c2c"}, {"name": "c2c", "key": "c2c_"}])
+
+
+def test_grouped_bars_error_bars_span_the_intervals():
+    fig, ax = figure()
+    grouped_bars(ax, ["a", "b"], {"x": ([50.0, None], [40.0, None], [55.0, None]), "y": ([20.0, 30.0], [10.0, 25.0], [35.0, 32.0]),
+                                  "z": ([1.0, 2.0], [None, None], [None, None])})
+    spans = sorted(tuple(sorted(seg[:, 1])) for coll in ax.collections for seg in coll.get_segments() if len(seg))
+    assert spans == [(10.0, 35.0), (25.0, 32.0), (40.0, 55.0)]  # the missing value: no bar, no error bar
+    assert len(ax.collections) == 2 and len(ax.patches) == 6  # z has bars and no intervals: no error bars
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
+
+
+def test_logit_limit_is_symmetric_and_at_least_one():
+    assert logit_limit([0.003, -0.007]) == 1.0  # noise near 0 stays pale
+    assert logit_limit([[0.5, -3.0], [2.0, 1.0]]) == 3.0
+    assert logit_limit([]) == 1.0
