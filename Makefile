@@ -13,7 +13,7 @@ LOCK := requirements.lock
 # what `make lock` leaves out: torch itself and the CUDA runtime wheels a CUDA torch build brings
 LOCK_EXCLUDE := ^(torch|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)==
 
-.PHONY: setup lock gpu-check gpu-inputs test reproduce announce quickstart models-small data-offline lab clean-results $(NOTEBOOKS)
+.PHONY: setup lock gpu-check gpu-inputs test reproduce rehearsal announce quickstart models-small data-offline lab clean-results $(NOTEBOOKS)
 
 setup: $(STAMP)
 
@@ -53,7 +53,7 @@ else
   PROFILE_REASON := set on the command line
 endif
 
-NOTEBOOKS := 01_oracle_cache_enrichment 02_layer_enrichment 03_train_fuser 04_main_table 05_latency 06_tsne \
+NOTEBOOKS := 00_quickstart 01_oracle_cache_enrichment 02_layer_enrichment 03_train_fuser 04_main_table 05_latency 06_tsne \
              07_ablations 08_knowledge_transfer 10_effective_rank 11_phase_timing 12_answer_overlap \
              13_mmlu_subcategories 14_fused_fraction 15_training_cost 99_paper_index
 EXECUTED := results/$(PROFILE)/notebooks
@@ -61,8 +61,11 @@ PROFILE_INPUTS := $(if $(filter small,$(PROFILE)),models-small data-offline)
 
 # Every goal that runs or deletes a profile's files needs one known PROFILE (a params/<profile>.yaml): checked
 # before anything runs, so e.g. `make clean-results PROFILE=` can never become `rm -rf results/ figures/`.
-PROFILES := $(sort $(basename $(notdir $(wildcard params/*.yaml))))
+# rehearsal: the paper profile on CPU with tiny stand-ins; its parameters are derived (configs/rehearsal.yaml)
+PROFILES := $(sort rehearsal $(basename $(notdir $(wildcard params/*.yaml))))
 PROFILE_GOALS := reproduce announce clean-results $(NOTEBOOKS)
+REHEARSAL_INPUTS := build/rehearsal
+PARAMS := $(if $(filter rehearsal,$(PROFILE)),$(REHEARSAL_INPUTS)/params.yaml,params/$(PROFILE).yaml)
 ifneq ($(filter $(PROFILE_GOALS) results/%,$(MAKECMDGOALS)),)
   ifneq ($(words $(PROFILE))$(filter $(PROFILE),$(PROFILES)),1$(strip $(PROFILE)))
     $(error unknown PROFILE='$(PROFILE)': use one of $(PROFILES) (params/<profile>.yaml))
@@ -87,19 +90,41 @@ announce:
 # interrupted (its error is printed above), so an executed notebook in $(EXECUTED) always ran to the end.
 $(NOTEBOOKS): %: $(EXECUTED)/%.ipynb
 
-$(EXECUTED)/%.ipynb: notebooks/%.ipynb params/$(PROFILE).yaml | announce $(STAMP) $(PROFILE_INPUTS)
+$(EXECUTED)/%.ipynb: notebooks/%.ipynb $(PARAMS) | announce $(STAMP) $(PROFILE_INPUTS)
 	@mkdir -p $(EXECUTED)
 	@trap 'rm -f "$(@:.ipynb=.partial.ipynb)"' EXIT INT TERM; \
-	  $(PY) -m papermill $< $(@:.ipynb=.partial.ipynb) -f params/$(PROFILE).yaml --cwd notebooks --log-level ERROR && \
+	  $(PY) -m papermill $< $(@:.ipynb=.partial.ipynb) -f $(PARAMS) --cwd notebooks --log-level ERROR && \
 	  mv $(@:.ipynb=.partial.ipynb) $@
 
 # notebooks that read what an earlier one wrote
 $(EXECUTED)/04_main_table.ipynb: $(EXECUTED)/03_train_fuser.ipynb
+$(EXECUTED)/00_quickstart.ipynb: $(EXECUTED)/03_train_fuser.ipynb  # the paper profile's quickstart_fuser is 03's
 # the analyses of issue 16: 04's evaluation (records, its fuser) and 03's training run
 $(addprefix $(EXECUTED)/,$(addsuffix .ipynb,10_effective_rank 11_phase_timing 12_answer_overlap 13_mmlu_subcategories \
   14_fused_fraction 15_training_cost)): $(EXECUTED)/04_main_table.ipynb
 # the reproduction index is the last stage: it reads what every other notebook wrote
 $(EXECUTED)/99_paper_index.ipynb: $(patsubst %,$(EXECUTED)/%.ipynb,$(filter-out 99_paper_index,$(NOTEBOOKS)))
+
+# The rehearsal (c2c/rehearsal.py, configs/rehearsal.yaml): every notebook of the paper profile, its parameters and
+# configs derived from the paper's as they are now, on CPU with tiny random-weight stand-ins of the paper's models
+# (their real tokenizers) and local files in the hub schemas, forcing what a GPU run does: static cache, bf16,
+# the paper's generation caps, T2T, training in 2 processes (accelerate, gloo) with gradient accumulation.
+# Always from scratch (a few minutes); `make reproduce PROFILE=rehearsal` reruns only what changed.
+rehearsal: $(STAMP)
+	rm -rf results/rehearsal figures/rehearsal runs/rehearsal
+	$(MAKE) reproduce PROFILE=rehearsal
+	$(PY) -m c2c.rehearsal check
+
+$(REHEARSAL_INPUTS)/params.yaml: params/paper.yaml $(wildcard configs/*.yaml) c2c/rehearsal.py | $(STAMP)
+	$(PY) -m c2c.rehearsal prepare
+
+# the paper's run trains in several processes: the rehearsal does too (accelerate launch), before notebook 03, which
+# then finds the run finished (the notebook itself trains in-process)
+ifeq ($(PROFILE),rehearsal)
+$(EXECUTED)/03_train_fuser.ipynb: runs/rehearsal/train_fuser/final/training_run.json
+endif
+runs/rehearsal/train_fuser/final/training_run.json: $(REHEARSAL_INPUTS)/params.yaml | $(STAMP)
+	$(PY) -m c2c.rehearsal train
 
 quickstart: $(STAMP)
 	$(PY) -m c2c.quickstart
@@ -108,7 +133,7 @@ models-small: $(STAMP)
 	$(PY) -m c2c.offline models
 
 data-offline: $(STAMP)
-	$(PY) -c "from c2c.benchmarks import fetch_offline_benchmarks; print(fetch_offline_benchmarks())"
+	$(PY) -c "from c2c.offline import fetch_offline_benchmarks; print(fetch_offline_benchmarks())"
 	$(PY) -c "from c2c.data import natural_instructions_file; print(natural_instructions_file())"
 
 # One command for a machine lent a GPU (benchmarks/gpu_check.py says how to run it there): the CUDA tests, latency
