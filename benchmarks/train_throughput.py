@@ -108,11 +108,11 @@ def step_flops(n_fuser: int, n_sharer: int, n_receiver: int, vocab_hidden: int, 
 
 def tiny_pair(device, dtype):
     from c2c.models import load_model
-    from c2c.train import load_config
+    from c2c.train_config import load_train_config
 
     receiver, receiver_tok = load_model("tiny-receiver", dtype=dtype, device=device)
     sharer, sharer_tok = load_model("tiny-sharer", dtype=dtype, device=device)
-    fuser_options = load_config(ROOT / "configs" / "train_tiny.yaml").fuser
+    fuser_options = load_train_config(ROOT / "configs" / "train_tiny.yaml").fuser
     return receiver, receiver_tok, sharer, sharer_tok, fuser_options
 
 

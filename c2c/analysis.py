@@ -60,7 +60,8 @@ def collect_keys(receiver, receiver_tokenizer, sharer, sharer_tokenizer, chats: 
     for start in range(0, len(chats), batch_size):
         aligned = [[aligner.align_chat(c, add_generation_prompt=True, enable_thinking=False)]
                    for c in chats[start:start + batch_size]]
-        inputs = collate(aligned, pad_token_id(receiver_tokenizer), [pad_token_id(sharer_tokenizer)])
+        inputs = collate(aligned, pad_token_id(receiver_tokenizer),
+                         [pad_token_id(sharer_tokenizer)])
         s_in = inputs.sharers[0]
         # the positions a fuser reads: every prompt token but the last (c2c.fused.C2CModel.prefill)
         r_cache = prefix_cache(receiver, inputs.input_ids.to(receiver.device), inputs.attention_mask.to(receiver.device))
@@ -200,7 +201,7 @@ def tsne_points(groups: Mapping[str, torch.Tensor], *, perplexity: float = 30.0,
     Sets are zero-padded to the widest; each is subsampled to ``max_points`` rows (the same rows of
     sets of equal length, which are token-aligned here). Perplexity is capped below M / 3.
     """
-    from sklearn.manifold import TSNE
+    from sklearn.manifold import TSNE  # here, not at the top: importing scikit-learn takes seconds; only t-SNE needs it
 
     width = max(x.shape[1] for x in groups.values())
     generator = torch.Generator().manual_seed(seed)

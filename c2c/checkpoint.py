@@ -1,7 +1,8 @@
-"""Fuser checkpoints: our own safetensors format, and import of the published `nics-efc/C2C_Fuser` format.
+"""Fuser checkpoints: our own format (`C2CFuser.save_pretrained` / `from_pretrained`, in c2c.fuser), and
+import of the published `nics-efc/C2C_Fuser` format.
 
-    save_fuser(fuser, folder)                       # ours
-    fuser = load_fuser(folder, receiver.config, sharer.config)   # ours or published, detected
+    fuser.save_pretrained(folder)                                 # ours
+    fuser = load_fuser(folder, receiver.config, sharer.config)    # ours or published, detected
 
 Our format, one folder per fuser (one sharer):
     fuser_config.json   FuserConfig: shapes, layer map, hyper-parameters, receiver/sharer names and
@@ -14,97 +15,30 @@ as torch state dicts with per-layer keys; `import_published` maps them onto the 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from c2c.fingerprint import check_finite
-from c2c.fuser import C2CFuser, FuserConfig
+from c2c.fuser import CONFIG_NAME, C2CFuser, FuserConfig
 
-FORMAT = "c2c-fuser/1"
-CONFIG_NAME = "fuser_config.json"
-WEIGHTS_NAME = "model.safetensors"
 PUBLISHED_CONFIG_NAME = "projector_config.json"
-
-
-def save_fuser(fuser: C2CFuser, folder: str | Path) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_NAME).write_text(json.dumps({"format": FORMAT, **fuser.config.to_dict()}, indent=2))
-    save_file({name: tensor.detach().contiguous().cpu() for name, tensor in fuser.state_dict().items()},
-              folder / WEIGHTS_NAME)
-    return folder
-
-
-def _check_state_dict(fuser: C2CFuser, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict: the same tensor names and shapes as the fuser built from the checkpoint's own config."""
-    expected = {name: tuple(t.shape) for name, t in fuser.state_dict().items()}
-    found = {name: tuple(t.shape) for name, t in state.items()}
-    problems = [f"missing {name} {shape}" for name, shape in expected.items() if name not in found]
-    problems += [f"unexpected {name}" for name in found if name not in expected]
-    problems += [f"{name}: expected shape {shape}, found {found[name]}"
-                 for name, shape in expected.items() if name in found and found[name] != shape]
-    if problems:
-        raise ValueError(f"{source} does not match its fuser_config.json: " + "; ".join(problems[:10]))
-
-
-def read_fuser_config(path: str | Path) -> FuserConfig:
-    """The FuserConfig of a `fuser_config.json`; a malformed file, unknown or missing keys or bad values raise
-    a ValueError naming the file and the fix."""
-    path = Path(path)
-    fix = f"re-save the fuser (save_fuser) or retrain it, or restore {path} from a good copy"
-    try:
-        raw = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); {fix}") from None
-    if not isinstance(raw, dict) or raw.pop("format", None) != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} fuser config (no \"format\": \"{FORMAT}\"); {fix}")
-    known = {f.name for f in dataclasses.fields(FuserConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown} (written by another version?); known: {sorted(known)}; {fix}")
-    try:
-        return FuserConfig(**raw)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{path}: {error}; {fix}") from None
 
 
 def load_fuser(folder: str | Path, receiver_config=None, sharer_config=None, *, dtype: torch.dtype | None = None,
                device=None) -> C2CFuser:
-    """Load a fuser checkpoint folder, in eval mode: ours (`fuser_config.json`, written by `save_fuser`) or a
-    published one (`projector_config.json`, see `import_published`). With model configs given, check it fits
-    that pair first. A damaged weights file (truncated, or values that are NaN/inf) raises naming the file."""
+    """Load a fuser checkpoint folder, in eval mode: ours (`fuser_config.json`: `C2CFuser.from_pretrained`) or a
+    published one (`projector_config.json`: `import_published`). With model configs given, check it fits that
+    pair first. A damaged weights file (truncated, or values that are NaN/inf) raises naming the file."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"fuser checkpoint folder {str(folder)!r} does not exist")
-    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    if not config_path.is_file():
-        if (folder / PUBLISHED_CONFIG_NAME).is_file():
-            return import_published(folder, receiver_config, sharer_config, dtype=dtype).to(device=device)
-        raise FileNotFoundError(f"{folder} holds neither {CONFIG_NAME} (a checkpoint of ours) nor "
-                                f"{PUBLISHED_CONFIG_NAME} (a published C2C checkpoint)")
-    if not weights_path.exists():
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder}")
-    config = read_fuser_config(config_path)
-    if receiver_config is not None and sharer_config is not None:
-        config.check_fits(receiver_config, sharer_config)
-    with torch.device("meta"):
-        fuser = C2CFuser(config)
-    fix = "the file is damaged (e.g. a copy cut short); re-save or retrain the fuser, or copy it again"
-    try:
-        state = load_file(weights_path)
-    except SafetensorError as error:
-        raise ValueError(f"cannot read {weights_path} ({error}): {fix}") from None
-    for name, tensor in state.items():
-        check_finite(tensor, f"{weights_path} tensor {name!r}", fix)
-    _check_state_dict(fuser, state, str(weights_path))
-    fuser.load_state_dict(state, assign=True)
-    fuser.register_index_buffers()
-    return fuser.to(device=device, dtype=dtype).eval()
+    if (folder / CONFIG_NAME).is_file():
+        return C2CFuser.from_pretrained(folder, receiver_config, sharer_config, dtype=dtype, device=device)
+    if (folder / PUBLISHED_CONFIG_NAME).is_file():
+        return import_published(folder, receiver_config, sharer_config, dtype=dtype).to(device=device)
+    raise FileNotFoundError(f"{folder} holds neither {CONFIG_NAME} (a checkpoint of ours) nor "
+                            f"{PUBLISHED_CONFIG_NAME} (a published C2C checkpoint)")
 
 
 # ---- the published format ----------------------------------------------------------------------

@@ -31,20 +31,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import random
+import shutil
+import tarfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
+from tqdm.auto import tqdm
 
 from c2c.align import AlignedPrompt, TokenAligner
 from c2c.fingerprint import tokenizer_fingerprint
 from c2c.fused import FusedInputs, SharerInputs, collate
 from c2c.mcmix import MC_MIX_VERSION, load_mc_mix, load_mmlu_auxiliary_train, mc_conversations
+from c2c.offline import OFFLINE_PREFIX, download_archive
 from c2c.paths import cache_dir
 
 DATA_FORMAT_VERSION = "c2c-chats/2"  # bump when tokenization/templating below changes (invalidates caches)
@@ -53,7 +60,6 @@ IGNORE_INDEX = -100
 ROLE_NAMES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 SYNTHETIC_PREFIX = "synthetic:"
-OFFLINE_PREFIX = "offline:"
 MMLU_AUXILIARY_TRAIN = "cais/mmlu:auxiliary_train"  # "=PATH" after it: a local copy in the hub schema
 
 
@@ -98,8 +104,6 @@ def normalize_conversation(record: dict, where: str) -> list[dict]:
 def _read_local_records(path: Path) -> Iterable[tuple[int, dict]]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         table = pq.read_table(path)
         offset = 0
         for batch in table.to_batches():
@@ -125,7 +129,7 @@ def _read_local_records(path: Path) -> Iterable[tuple[int, dict]]:
 
 
 def _hub_records(name: str, max_examples: int | None, split: str) -> Iterable[tuple[int, dict]]:
-    import datasets
+    import datasets  # here, not at the top: importing it takes seconds, and only the hub path needs it
 
     try:
         data = datasets.load_dataset(name, split=split)
@@ -200,8 +204,6 @@ NATURAL_INSTRUCTIONS_FOLDER = "bigbench/benchmark_tasks/natural_instructions/"
 
 def read_natural_instructions(archive: str | os.PathLike) -> dict[str, tuple[str, list[dict]]]:
     """{subtask name: (its instruction, its examples [{input, target: [answers]}])} from a bigbench sdist."""
-    import tarfile
-
     tasks = {}
     with tarfile.open(archive, "r:gz") as tar:
         for member in tar:
@@ -235,9 +237,6 @@ def natural_instructions_file() -> Path:
     BIG-bench asks that its data never appear in *pre-training* corpora; here it trains a fuser only, on
     tasks none of our evaluation benchmarks share.
     """
-    from c2c.offline import download_archive
-    from c2c.paths import cache_dir
-
     target = cache_dir() / "data" / "natural-instructions-bigbench-1.0.0.jsonl"
     if not target.is_file():
         archive = download_archive(*BIGBENCH_SDIST)
@@ -262,7 +261,8 @@ OFFLINE_TRAINING_SOURCES = {"natural-instructions": natural_instructions_file, "
 
 
 def offline_training_file(source: str) -> Path:
-    """`offline:<name>` -> the local JSONL file of that offline training source (built on first use)."""
+    """`offline:<name>` as a training data source -> the local JSONL file of that offline source (built on first
+    use). The other `offline:` resolvers: `c2c.offline.fetch_model` (models), `offline_benchmark_path` (benchmarks)."""
     name = source[len(OFFLINE_PREFIX):]
     if name not in OFFLINE_TRAINING_SOURCES:
         raise ValueError(f"unknown offline training source {source!r}; known: "
@@ -592,8 +592,6 @@ def tokenize_chats(conversations: Sequence[list[dict]], receiver_tokenizer, shar
     num_proc > 1 spreads the work over that many (spawned) processes; the result is the same.
     answer_prefix: see `build_example`.
     """
-    from tqdm.auto import tqdm
-
     chunk_size = 256
     chunks = [[(i, conversations[i]) for i in range(s, min(s + chunk_size, len(conversations)))]
               for s in range(0, len(conversations), chunk_size)]
@@ -610,9 +608,6 @@ def tokenize_chats(conversations: Sequence[list[dict]], receiver_tokenizer, shar
         bar.update(len(results))
 
     if num_proc > 1 and len(chunks) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(num_proc, mp_context=context, initializer=_init_worker, initargs=args) as pool:
             for results in pool.map(_build_chunk, chunks):
@@ -658,8 +653,6 @@ def load_tokenized(source: str | os.PathLike, receiver_tokenizer, sharer_tokeniz
     tmp = folder.with_name(f"{key}.tmp{os.getpid()}")
     data.save(tmp)
     if folder.exists():  # another process finished first; its content is identical
-        import shutil
-
         shutil.rmtree(tmp)
     else:
         tmp.replace(folder)

@@ -32,10 +32,10 @@ you built yourself, ``evaluate(method, items, folder)``.
 Config keys (YAML): see ``DEFAULTS``. ``methods``: a list of names (receiver, sharer, t2t, c2c) or
 mappings ``{name, key, label, scoring, max_new_tokens, assistant_prefix, sharer_max_new_tokens,
 batch_size}``. ``benchmarks``: a list of names or mappings ``{name, source, split, limit,
-subjects}``; ``source``: omitted/null = the Hugging Face hub, ``tiny-fixtures`` = the tiny files
-(written into ``<out>/eval/fixtures``), ``offline`` / ``offline:<key>`` = the offline copies
-(``find_offline_files``), else a local file or folder. Models: ``tiny-receiver``/``tiny-sharer``,
-``offline:<name>`` (``c2c.offline.fetch_model``), a folder, a ``.gguf`` file or a hub id.
+subjects}``; ``source`` (``c2c.benchmarks.resolve_source``): omitted/null = the Hugging Face hub,
+``tiny-fixtures`` = the tiny files (written into ``<out>/eval/fixtures``), ``offline`` / ``offline:<key>`` =
+the offline copies (``c2c.offline.offline_benchmark_path``), else a local file or folder. Models:
+``tiny-receiver``/``tiny-sharer``, ``offline:<name>`` (``c2c.offline.fetch_model``), a folder, a ``.gguf`` file or a hub id.
 ``fuser`` (C2C): ``{checkpoint: folder}`` (ours or published) or ``{random: {seed, gate_logit,
 hidden_dim, intermediate_dim}}`` (untrained, for plumbing checks only). Relative paths are
 relative to the current directory.
@@ -59,12 +59,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+import yaml
 from tqdm.auto import tqdm
 
 from c2c.align import ALIGNMENT_STRATEGIES
-from c2c.benchmarks import MCItem, get_benchmark, load_benchmark, mc_prompt
-from c2c.checkpoint import CONFIG_NAME, PUBLISHED_CONFIG_NAME, load_fuser, read_fuser_config
+from c2c.benchmarks import MCItem, get_benchmark, load_benchmark, mc_prompt, resolve_source
+from c2c.checkpoint import PUBLISHED_CONFIG_NAME, load_fuser
 from c2c.fingerprint import code_version
+from c2c.fuser import CONFIG_NAME, FuserConfig, random_fuser
 from c2c.jsonl import read_jsonl
 from c2c.locks import FolderInUseError, folder_lock
 from c2c.methods import (
@@ -85,9 +88,9 @@ from c2c.stats import paired_comparison, pgr, wilson_interval
 
 log = logging.getLogger(__name__)
 
-# The code that determines an answer (prompts, answer extraction, letter scoring, the decode engine,
-# token alignment, the fuser): a change to it makes cached records stale (``code_version``)
-EVAL_CODE = ("c2c.benchmarks", "c2c.methods", "c2c.fused", "c2c.align", "c2c.fuser")
+# The code that determines an answer (prompts, answer extraction, the benchmark records read, letter scoring, the
+# decode engine, token alignment, the fuser): a change to it makes cached records stale (``code_version``)
+EVAL_CODE = ("c2c.benchmarks", "c2c.benchmark_files", "c2c.methods", "c2c.fused", "c2c.align", "c2c.fuser")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
@@ -408,8 +411,6 @@ def _evaluate_locked(method: Method, items_given: Sequence[MCItem], folder: Path
 
 def _read_raw(config: str | os.PathLike | dict) -> dict:
     """The config's own keys (a YAML file's, or a dict's); ``name`` defaults to the file's stem."""
-    import yaml
-
     if isinstance(config, dict):
         return dict(config)
     path = Path(config)
@@ -422,8 +423,9 @@ def _read_raw(config: str | os.PathLike | dict) -> dict:
     return raw
 
 
-def load_config(config: str | os.PathLike | dict) -> dict:
-    """A config (YAML file or dict) with defaults filled in and every key checked."""
+def load_eval_config(config: str | os.PathLike | dict) -> dict:
+    """An evaluation config (YAML file or dict) with defaults filled in and every key checked (a training config is
+    ``c2c.train_config.load_train_config``'s)."""
     raw = _read_raw(config)
     unknown = sorted(set(raw) - set(DEFAULTS))
     if unknown:
@@ -560,28 +562,6 @@ def _benchmark_entry(entry, cfg: dict) -> dict:
             "limit": entry.get("limit", cfg["limit"]), "subjects": entry.get("subjects")}
 
 
-def resolve_source(source: str | None, name: str, out: Path) -> str | None:
-    """A benchmark entry's ``source`` -> what ``load_benchmark`` takes (None = the hub)."""
-    if source is None:
-        return None
-    if source == "tiny-fixtures":
-        from c2c.benchmarks import write_tiny_fixtures
-
-        return str(write_tiny_fixtures(out / "eval" / "fixtures")[name])
-    if source == "offline" or source.startswith("offline:"):
-        from c2c.benchmarks import fetch_offline_benchmarks, find_offline_files
-
-        key = name if source == "offline" else source.split(":", 1)[1]
-        files = find_offline_files(fetch_offline_benchmarks())
-        if key not in files:
-            raise ValueError(f"no offline copy {key!r}; offline copies: {', '.join(files)}")
-        return str(files[key])
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"benchmark {name!r}: source {source!r} does not exist (resolved to {path.resolve()})")
-    return str(path)
-
-
 # --------------------------------------------------------------------------- building methods
 
 
@@ -615,7 +595,7 @@ def _check_fuser_checkpoint(cfg: dict) -> None:
             continue
         folder = Path(entry["fuser"]["checkpoint"]).expanduser()
         if (folder / CONFIG_NAME).is_file():
-            read_fuser_config(folder / CONFIG_NAME)
+            FuserConfig.from_json_file(folder / CONFIG_NAME)
         elif not (folder / PUBLISHED_CONFIG_NAME).is_file():
             raise FileNotFoundError(f"method {entry['key']}: fuser checkpoint {str(folder)!r} holds neither "
                                     f"{CONFIG_NAME} (ours) nor {PUBLISHED_CONFIG_NAME} (a published one); train one "
@@ -644,8 +624,6 @@ def _fuser(spec: dict, sources: dict, receiver, sharer):
         fuser = load_fuser(folder, receiver.config, sharer.config, dtype=receiver.dtype)
         warn_if_trained_for_other_models(fuser, sources)
         return fuser, f"checkpoint:{folder}"
-    from c2c.fuser import random_fuser
-
     fuser = random_fuser(receiver.config, sharer.config, **(spec["random"] or {}))
     name = "random(" + ", ".join(f"{k}={v}" for k, v in sorted(spec["random"].items())) + ")"
     return fuser, name
@@ -848,9 +826,6 @@ class EvalReport:
 
 
 def _provenance() -> dict:
-    import torch
-    import transformers
-
     info = {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "machine": platform.machine(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
@@ -867,8 +842,6 @@ def _provenance() -> dict:
 
 
 def _write_config(cfg: dict, out: Path, command: str) -> None:
-    import yaml
-
     header = ["# The exact config that produced main_table.csv / main_table.md in this folder.",
               f"# command: {command}"]
     header += [f"# {k}: {v}" for k, v in _provenance().items()]
@@ -889,7 +862,7 @@ def run_eval(config: str | os.PathLike | dict, out: str | os.PathLike | None = N
     """
     raw = _read_raw(config)
     raw.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = load_config(raw)
+    cfg = load_eval_config(raw)
     if methods:
         wanted = set(methods)
         unknown = wanted - {m["key"] for m in cfg["methods"]} - {m["name"] for m in cfg["methods"]}

@@ -38,6 +38,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from safetensors import safe_open
 
 from c2c.paths import cache_dir
 
@@ -208,8 +209,6 @@ def _weights_from_files(model, state: Mapping[str, torch.Tensor]) -> list[Path] 
     True when the model's folder holds safetensors covering every tensor of the state dict (tied
     tensors share storage with one that is stored) and no tensor was changed in place since loading.
     """
-    from safetensors import safe_open
-
     folder = Path(str(getattr(model, "name_or_path", "") or ""))
     if not folder.is_dir() or any(t._version for t in state.values()):
         return None

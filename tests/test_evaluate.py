@@ -9,14 +9,13 @@ import pytest
 import yaml
 
 from c2c.benchmarks import extract_answer, load_benchmark, mc_prompt, write_tiny_fixtures
-from c2c.checkpoint import save_fuser
 from c2c.evaluate import (
     EvalReport,
     EvaluationError,
     _Models,
     build_method,
     evaluate,
-    load_config,
+    load_eval_config,
     main,
     read_records,
     run_eval,
@@ -86,7 +85,7 @@ def test_tiny_config_gives_a_complete_main_table(tmp_path):
         assert title in md
     # the exact config is saved, and it reproduces the same checked config
     saved = yaml.safe_load((tmp_path / "eval_config.yaml").read_text())
-    assert load_config(saved)["methods"] == load_config({**saved, "methods": saved["methods"]})["methods"]
+    assert load_eval_config(saved)["methods"] == load_eval_config({**saved, "methods": saved["methods"]})["methods"]
     assert saved["output"] == str(tmp_path) and saved["receiver"] == "tiny-receiver"
     assert json.loads((tmp_path / "main_table.json").read_text())["table"][0]["method"] == "receiver_generate"
 
@@ -195,7 +194,7 @@ def test_an_item_that_raises_is_counted_wrong_recorded_and_reported(tmp_path, ar
     assert result.error_examples == [{"id": bad, "error": "RuntimeError: injected failure"}]
     assert result.summary()["errors"] == 1
 
-    cfg = load_config({"receiver": "tiny-receiver", "sharer": "tiny-sharer", "methods": ["receiver"],
+    cfg = load_eval_config({"receiver": "tiny-receiver", "sharer": "tiny-sharer", "methods": ["receiver"],
                        "benchmarks": [{"name": "arc-challenge", "source": "tiny-fixtures"}]})
     entry = {**cfg["methods"][0], "label": "Scripted"}
     report = EvalReport(cfg, tmp_path, [entry], ["arc-challenge"], {(entry["key"], "arc-challenge"): result})
@@ -255,46 +254,46 @@ def test_config_errors_are_clear(tmp_path):
     base = {"receiver": "tiny-receiver", "sharer": "tiny-sharer", "methods": ["receiver"],
             "benchmarks": [{"name": "arc-challenge", "source": "tiny-fixtures"}]}
     with pytest.raises(ValueError, match="unknown method 'majority'; known: receiver, sharer, t2t, c2c"):
-        load_config({**base, "methods": ["majority"]})
+        load_eval_config({**base, "methods": ["majority"]})
     with pytest.raises(ValueError, match="unknown benchmark 'gsm8k'"):
-        load_config({**base, "benchmarks": ["gsm8k"]})
+        load_eval_config({**base, "benchmarks": ["gsm8k"]})
     with pytest.raises(ValueError, match="unknown config keys \\['recevier'\\]"):
-        load_config({**base, "recevier": "x"})
+        load_eval_config({**base, "recevier": "x"})
     with pytest.raises(ValueError, match="'c2c' needs config keys \\['fuser'\\]"):
-        load_config({**base, "methods": ["c2c"]})
+        load_eval_config({**base, "methods": ["c2c"]})
     with pytest.raises(ValueError, match="scoring"):
-        load_config({**base, "scoring": "vote"})
+        load_eval_config({**base, "scoring": "vote"})
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run_eval({**base, "benchmarks": [{"name": "arc-challenge", "source": str(tmp_path / "missing.jsonl")}]},
                  tmp_path / "out", progress=False)
     with pytest.raises(FileNotFoundError, match="config file"):
-        load_config(tmp_path / "nope.yaml")
+        load_eval_config(tmp_path / "nope.yaml")
 
 
 def test_static_cache_setting_reaches_every_method():
     base = {"receiver": "tiny-receiver", "sharer": "tiny-sharer", "methods": ["receiver", "sharer", "t2t", "c2c"],
             "fuser": {"random": {"seed": 0, "hidden_dim": 32, "intermediate_dim": 24}},
             "benchmarks": [{"name": "arc-challenge", "source": "tiny-fixtures"}]}
-    assert load_config(base)["static_cache"] == "auto"
-    models = _Models(load_config(base))
+    assert load_eval_config(base)["static_cache"] == "auto"
+    models = _Models(load_eval_config(base))
     for value, expected in (("auto", None), (True, True), (False, False)):
-        cfg = load_config({**base, "static_cache": value})
+        cfg = load_eval_config({**base, "static_cache": value})
         assert [build_method(entry, cfg, models).static_cache for entry in cfg["methods"]] == [expected] * 4
     with pytest.raises(ValueError, match="static_cache must be one of \\['auto', True, False\\], got 'yes'"):
-        load_config({**base, "static_cache": "yes"})
+        load_eval_config({**base, "static_cache": "yes"})
 
 
 def test_alignment_defaults_to_the_fusers_own(tmp_path, tiny_receiver, tiny_sharer):
     fuser = make_fuser(tiny_receiver[0], tiny_sharer[0], alignment="first")
-    save_fuser(fuser, tmp_path / "fuser")
+    fuser.save_pretrained(tmp_path / "fuser")
     base = {"receiver": "tiny-receiver", "sharer": "tiny-sharer", "methods": ["c2c"],
             "fuser": {"checkpoint": str(tmp_path / "fuser")},
             "benchmarks": [{"name": "arc-challenge", "source": "tiny-fixtures"}]}
-    cfg = load_config(base)
+    cfg = load_eval_config(base)
     assert cfg["alignment"] is None
     models = _Models(cfg)
     assert build_method(cfg["methods"][0], cfg, models).describe()["alignment"] == ["first"]
-    cfg = load_config({**base, "alignment": "longest"})
+    cfg = load_eval_config({**base, "alignment": "longest"})
     with pytest.raises(ValueError, match="trained with token alignment 'first', not 'longest'"):
         build_method(cfg["methods"][0], cfg, models)
 
@@ -316,7 +315,7 @@ def test_cli(tmp_path, capsys):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("eval_*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
-    cfg = load_config(path)
+    cfg = load_eval_config(path)
     assert cfg["methods"] and cfg["benchmarks"]
     if path.name == "eval_paper.yaml":
         assert (cfg["receiver"], cfg["sharer"]) == ("Qwen/Qwen3-0.6B", "Qwen/Qwen2.5-0.5B-Instruct")
@@ -343,8 +342,8 @@ def _control_config(fuser_folder, identical_folder, **overrides) -> dict:
 
 def test_identical_control_prompt_caches_and_paired_statistics(tmp_path, tiny_receiver, tiny_sharer):
     (receiver, _), (sharer, _) = tiny_receiver, tiny_sharer
-    save_fuser(make_fuser(receiver, sharer, seed=1, gate_logit=1.0), tmp_path / "fuser")
-    save_fuser(make_fuser(receiver, receiver, seed=2, gate_logit=1.0), tmp_path / "identical")
+    make_fuser(receiver, sharer, seed=1, gate_logit=1.0).save_pretrained(tmp_path / "fuser")
+    make_fuser(receiver, receiver, seed=2, gate_logit=1.0).save_pretrained(tmp_path / "identical")
     online = run_eval(_control_config(tmp_path / "fuser", tmp_path / "identical"), tmp_path / "online", progress=False)
     cached = run_eval(_control_config(tmp_path / "fuser", tmp_path / "identical", prefix_cache=True),
                       tmp_path / "cached", progress=False)
@@ -354,9 +353,9 @@ def test_identical_control_prompt_caches_and_paired_statistics(tmp_path, tiny_re
             assert (a["id"], a["pred"]) == (b["id"], b["pred"])
             assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
     # the Identical control really used the receiver as its sharer (another answer than C2C's, same receiver)
-    models = _Models(load_config(_control_config(tmp_path / "fuser", tmp_path / "identical")))
-    entry = load_config(_control_config(tmp_path / "fuser", tmp_path / "identical"))["methods"][3]
-    identical = build_method(entry, load_config(_control_config(tmp_path / "fuser", tmp_path / "identical")), models)
+    models = _Models(load_eval_config(_control_config(tmp_path / "fuser", tmp_path / "identical")))
+    entry = load_eval_config(_control_config(tmp_path / "fuser", tmp_path / "identical"))["methods"][3]
+    identical = build_method(entry, load_eval_config(_control_config(tmp_path / "fuser", tmp_path / "identical")), models)
     assert identical.model.sharers[0] is identical.model.receiver
     assert json.loads((tmp_path / "online" / "eval" / "c2c_identical" / "arc-challenge.meta.json").read_text())
     # paired statistics from the per-item records, recomputed by hand
@@ -381,17 +380,17 @@ def test_identical_control_prompt_caches_and_paired_statistics(tmp_path, tiny_re
     md = (tmp_path / "online" / "main_table.md").read_text()
     assert "C2C, Identical control" in md and "McNemar" in md and "PGR" in md and "[" in md
     with pytest.raises(ValueError, match="comparisons name methods \\['t2t_logits'\\]"):
-        load_config(_control_config(tmp_path, tmp_path, comparisons=[["t2t_logits", "receiver_logits"]]))
+        load_eval_config(_control_config(tmp_path, tmp_path, comparisons=[["t2t_logits", "receiver_logits"]]))
     with pytest.raises(ValueError, match="per method for c2c only"):
-        load_config(_control_config(tmp_path, tmp_path, methods=[{"name": "receiver", "sharer": "tiny-receiver"}]))
+        load_eval_config(_control_config(tmp_path, tmp_path, methods=[{"name": "receiver", "sharer": "tiny-receiver"}]))
 
 
 def test_selecting_a_method_by_key_does_not_select_others_of_its_name(tmp_path, tiny_receiver, tiny_sharer):
-    save_fuser(make_fuser(tiny_receiver[0], tiny_sharer[0], seed=1), tmp_path / "fuser")
+    make_fuser(tiny_receiver[0], tiny_sharer[0], seed=1).save_pretrained(tmp_path / "fuser")
     config = _control_config(tmp_path / "fuser", tmp_path / "not-trained-yet")
     config["methods"][2] = {"name": "c2c", "key": "c2c"}
     config["comparisons"] = [["c2c", "receiver_logits"]]
     report = run_eval(config, tmp_path / "out", methods=["c2c"], benchmarks=["arc-challenge"], progress=False)
     assert [m["key"] for m in report.methods] == ["c2c"]  # not the Identical control (its fuser is missing)
-    by_name = load_config({**config, "methods": config["methods"][:2] + [{"name": "c2c"}], "comparisons": []})
+    by_name = load_eval_config({**config, "methods": config["methods"][:2] + [{"name": "c2c"}], "comparisons": []})
     assert [m["key"] for m in by_name["methods"]] == ["receiver_logits", "sharer_logits", "c2c_logits"]

@@ -20,7 +20,7 @@ import torch
 
 from c2c import fingerprint
 from c2c.benchmarks import MCItem, write_tiny_fixtures
-from c2c.checkpoint import load_fuser, save_fuser
+from c2c.checkpoint import load_fuser
 from c2c.evaluate import run_eval
 from c2c.fuser import random_fuser
 from c2c.fused import ContextLengthError
@@ -106,9 +106,9 @@ def truncate(path: Path) -> None:
 
 def test_eval_records_of_a_fuser_retrained_in_place_are_not_reused(tmp_path, tiny_receiver, tiny_sharer):
     fuser_folder = tmp_path / "fuser"
-    save_fuser(make_fuser(tiny_receiver[0], tiny_sharer[0], seed=0, gate_logit=1.0), fuser_folder)
+    make_fuser(tiny_receiver[0], tiny_sharer[0], seed=0, gate_logit=1.0).save_pretrained(fuser_folder)
     run_eval(c2c_config(fuser_folder), tmp_path / "out", progress=False)
-    save_fuser(make_fuser(tiny_receiver[0], tiny_sharer[0], seed=1, gate_logit=1.0), fuser_folder)  # retrained
+    make_fuser(tiny_receiver[0], tiny_sharer[0], seed=1, gate_logit=1.0).save_pretrained(fuser_folder)  # retrained
     with pytest.raises(ValueError, match=r"c2c_logits/arc-challenge\.jsonl holds results of a different setup: the "
                                          r"fuser's weights or config changed \(e.g. retrained in place\).*fresh output "
                                          r"folder.*or delete"):
@@ -120,7 +120,7 @@ def test_eval_records_of_a_fuser_retrained_in_place_are_not_reused(tmp_path, tin
 def test_eval_records_under_other_prompt_code_are_not_reused(tmp_path, monkeypatch):
     run_eval(eval_config(), tmp_path, progress=False)
     changed_source(monkeypatch, "c2c.benchmarks")
-    with pytest.raises(ValueError, match=r"the prompt/scoring code changed \(c2c.benchmarks, c2c.methods"):
+    with pytest.raises(ValueError, match=r"the prompt/scoring code changed \(c2c.benchmarks, c2c.benchmark_files, c2c.methods"):
         run_eval(eval_config(), tmp_path, progress=False)
 
 
@@ -204,7 +204,7 @@ def test_clean_results_refuses_an_empty_or_unknown_profile(tmp_path, profile):
         (tmp_path / kept).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / kept).write_text("x")
     done = make_in_copy(tmp_path, "clean-results", f"PROFILE={profile}")
-    assert done.returncode != 0 and "unknown PROFILE" in done.stderr and "use one of paper small tiny" in done.stderr
+    assert done.returncode != 0 and "unknown PROFILE" in done.stderr and "use one of paper rehearsal small tiny" in done.stderr
     assert all((tmp_path / kept).exists() for kept in ("results/tiny/table.md", "results/small/table.md",
                                                       "figures/tiny/a.png"))
     assert make_in_copy(tmp_path, "clean-results", "PROFILE=tiny").returncode == 0  # a known one is cleaned
@@ -341,7 +341,7 @@ def test_a_damaged_converted_offline_model_is_converted_again(tmp_path, monkeypa
 
 def test_a_damaged_fuser_file_is_named(tmp_path, tiny_receiver, tiny_sharer):
     folder = tmp_path / "fuser"
-    save_fuser(make_fuser(tiny_receiver[0], tiny_sharer[0]), folder)
+    make_fuser(tiny_receiver[0], tiny_sharer[0]).save_pretrained(folder)
     weights = folder / "model.safetensors"
     good = weights.read_bytes()
     truncate(weights)
@@ -355,7 +355,7 @@ def test_a_damaged_fuser_file_is_named(tmp_path, tiny_receiver, tiny_sharer):
 
 def test_a_malformed_or_unknown_fuser_config_is_named(tmp_path, tiny_receiver, tiny_sharer):
     folder = tmp_path / "fuser"
-    save_fuser(make_fuser(tiny_receiver[0], tiny_sharer[0]), folder)
+    make_fuser(tiny_receiver[0], tiny_sharer[0]).save_pretrained(folder)
     config_path = folder / "fuser_config.json"
     good = json.loads(config_path.read_text())
     config_path.write_text(config_path.read_text()[:-20])
@@ -453,7 +453,7 @@ def test_cuda_on_a_machine_without_one_is_refused_before_any_model_loads(tmp_pat
 def test_a_missing_or_malformed_fuser_checkpoint_is_refused_before_any_model_loads(tmp_path, monkeypatch,
                                                                                   tiny_receiver, tiny_sharer):
     folder = tmp_path / "fuser"
-    save_fuser(make_fuser(tiny_receiver[0], tiny_sharer[0]), folder)
+    make_fuser(tiny_receiver[0], tiny_sharer[0]).save_pretrained(folder)
     (folder / "fuser_config.json").write_text("{not json")
     no_model_may_load(monkeypatch)
     with pytest.raises(ValueError, match=r"fuser_config.json is not valid JSON"):
@@ -464,8 +464,8 @@ def test_a_missing_or_malformed_fuser_checkpoint_is_refused_before_any_model_loa
 
 def test_a_fuser_trained_with_other_model_names_warns(tmp_path, tiny_receiver, tiny_sharer, caplog):
     folder = tmp_path / "fuser"
-    save_fuser(random_fuser(tiny_receiver[0].config, tiny_sharer[0].config, hidden_dim=16, intermediate_dim=16,
-                            receiver="some-other-receiver", sharer="tiny-sharer"), folder)
+    random_fuser(tiny_receiver[0].config, tiny_sharer[0].config, hidden_dim=16, intermediate_dim=16,
+                 receiver="some-other-receiver", sharer="tiny-sharer").save_pretrained(folder)
     with caplog.at_level(logging.WARNING):
         run_eval(c2c_config(folder), tmp_path / "out", progress=False)
     assert "the fuser was trained with receiver 'some-other-receiver', this run's receiver is 'tiny-receiver'" \

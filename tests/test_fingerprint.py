@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from c2c import fingerprint as fp
-from c2c.checkpoint import load_fuser, save_fuser
+from c2c.checkpoint import load_fuser
 from c2c.fingerprint import (
     check_finite,
     code_version,
@@ -144,7 +144,7 @@ def test_fuser_fingerprint_follows_weights_and_config(tiny_receiver, tiny_sharer
     assert fuser_fingerprint(make_fuser(receiver, sharer, seed=0)) == first
     assert fuser_fingerprint(make_fuser(receiver, sharer, seed=1)) != first
     assert fuser_fingerprint(make_fuser(receiver, sharer, seed=0, dropout=0.2)) != first  # config only
-    save_fuser(fuser, tmp_path)
+    fuser.save_pretrained(tmp_path)
     assert fuser_fingerprint(load_fuser(tmp_path)) == first
     with torch.no_grad():
         fuser.gate_logit.add_(1.0)  # e.g. an optimizer step

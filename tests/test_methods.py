@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from c2c.benchmarks import extract_answer, load_benchmark, mc_prompt, t2t_receiver_messages, write_tiny_fixtures
-from c2c.checkpoint import load_fuser, save_fuser
+from c2c.checkpoint import load_fuser
 import c2c.fused
 from c2c.fused import C2CModel, to_static_cache
 from c2c.methods import (
@@ -212,7 +212,7 @@ def test_bad_arguments(items, tiny_receiver, tiny_sharer, tmp_path):
 def test_c2c_from_our_checkpoint(items, tiny_receiver, tiny_sharer, tmp_path):
     (r, rt), (s, st) = tiny_receiver, tiny_sharer
     fuser = make_fuser(r, s, seed=5, gate_logit=1.0)
-    save_fuser(fuser, tmp_path / "fuser")
+    fuser.save_pretrained(tmp_path / "fuser")
     loaded = C2C.from_models(r, rt, s, st, tmp_path / "fuser", scoring="logits")
     direct = C2C(C2CModel(r, rt, [s], [st], [fuser]), scoring="logits")
     assert loaded.describe()["fuser"] == str(tmp_path / "fuser")
@@ -223,7 +223,7 @@ def test_c2c_aligns_tokens_as_its_fuser_was_trained(tiny_receiver, tiny_sharer, 
     (r, rt), (s, st) = tiny_receiver, tiny_sharer
     for trained, other in (("first", "longest"), ("longest", "first")):
         fuser = make_fuser(r, s, seed=2, alignment=trained)
-        save_fuser(fuser, tmp_path / trained)
+        fuser.save_pretrained(tmp_path / trained)
         assert C2C.from_models(r, rt, s, st, tmp_path / trained).describe()["alignment"] == [trained]  # the default
         assert C2C.from_models(r, rt, s, st, fuser, alignment=trained).describe()["alignment"] == [trained]
         with pytest.raises(ValueError, match=f"trained with token alignment '{trained}', not '{other}': pass "

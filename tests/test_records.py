@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from c2c.checkpoint import save_fuser
 from c2c.evaluate import run_eval
 from c2c.fuse_fraction import PartialC2C
 from c2c.methods import C2C, ReceiverAlone, letter_scoring
@@ -45,7 +44,7 @@ def test_records_methods_and_items_match_the_evaluation(tmp_path):
                                                                                    "arc-challenge")
     assert not same_setup(methods["r"], tmp_path, "c", "arc-challenge")  # other models than the records'
     other = tmp_path / "other_fuser"
-    save_fuser(make_fuser(methods["c"].model.receiver, methods["c"].model.sharers[0], seed=9), other)
+    make_fuser(methods["c"].model.receiver, methods["c"].model.sharers[0], seed=9).save_pretrained(other)
     swapped = config_methods(CONFIG, ["c"], fuser_checkpoint=other)["c"]
     assert swapped.fuser_name == f"checkpoint:{other}" and not same_setup(swapped, tmp_path, "c", "arc-challenge")
     with pytest.raises(FileNotFoundError, match="Run the evaluation"):
@@ -67,11 +66,11 @@ def test_each_profiles_analyses_name_methods_and_benchmarks_of_its_eval_config(p
     """Notebooks 10-15 read the evaluation of `analysis_eval_config`: its method keys and benchmarks must exist."""
     import yaml
 
-    from c2c.evaluate import load_config
+    from c2c.evaluate import load_eval_config
     from c2c.paths import REPO_ROOT
 
     params = yaml.safe_load((REPO_ROOT / "params" / f"{profile}.yaml").read_text())
-    cfg = load_config(REPO_ROOT / params["analysis_eval_config"])
+    cfg = load_eval_config(REPO_ROOT / params["analysis_eval_config"])
     keys = {m["key"] for m in cfg["methods"]}
     benchmarks = {b["name"] for b in cfg["benchmarks"]}
     assert set(params["analysis_methods"].values()) <= keys and {"receiver", "sharer", "c2c"} <= set(params["analysis_methods"])

@@ -12,18 +12,8 @@ from c2c.checkpoint import load_fuser
 from c2c.data import collate_examples, load_conversations, tokenize_chats
 from c2c.fused import C2CModel
 from c2c.fuser import FuserConfig, gate_temperature
-from c2c.train import (
-    TrainConfig,
-    checkpoints,
-    continuation_loss,
-    linear_schedule,
-    load_config,
-    main,
-    optimizer_groups,
-    parse_args,
-    read_log,
-    train,
-)
+from c2c.train import checkpoints, continuation_loss, linear_schedule, main, optimizer_groups, read_log, train
+from c2c.train_config import TrainConfig, load_train_config, parse_args
 from c2c.transfer import run_knowledge_transfer
 from conftest import make_fuser
 
@@ -70,16 +60,16 @@ def test_continuation_loss_equals_cross_entropy_on_forward_logits(tiny_receiver,
 
 def test_unknown_config_keys_are_named_with_the_valid_ones(tmp_path):
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['learning_rat'\]; valid keys: .*'learning_rate'"):
-        load_config({"learning_rat": 1e-4})
+        load_train_config({"learning_rat": 1e-4})
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['hidden'\] under 'fuser'; valid keys: \[.*'hidden_dim'"):
-        load_config({"fuser": {"hidden": 3}})
+        load_train_config({"fuser": {"hidden": 3}})
     with pytest.raises(ValueError, match="unknown config key 'optim.lr'"):
-        load_config({}, overrides={"optim.lr": 1})
+        load_train_config({}, overrides={"optim.lr": 1})
     with pytest.raises(ValueError, match="config key 'batch_size': cannot use 'four' as int"):
-        load_config({"batch_size": "four"})
+        load_train_config({"batch_size": "four"})
     with pytest.raises(ValueError, match="precision must be one of"):
-        load_config({"precision": "fp8"})
-    config = load_config({"learning_rate": "1e-4"}, overrides={"fuser.hidden_dim": 8, "max_steps": "3"})
+        load_train_config({"precision": "fp8"})
+    config = load_train_config({"learning_rate": "1e-4"}, overrides={"fuser.hidden_dim": 8, "max_steps": "3"})
     assert config.learning_rate == 1e-4 and config.fuser == {"hidden_dim": 8} and config.max_steps == 3
 
 
@@ -88,13 +78,13 @@ def test_command_line_overrides(tmp_path):
                                   "--max-steps", "5", "--resume_from", "null"])
     assert path == "x.yaml"
     assert overrides == {"learning_rate": "3e-4", "fuser.dropout": 0.0, "max_steps": 5, "resume_from": None}
-    assert load_config({}, overrides).learning_rate == 3e-4
+    assert load_train_config({}, overrides).learning_rate == 3e-4
 
 
 def test_shipped_configs_are_valid_and_the_paper_one_is_the_recipe():
-    tiny = load_config(REPO / "configs" / "train_tiny.yaml")
+    tiny = load_train_config(REPO / "configs" / "train_tiny.yaml")
     assert tiny.dataset == "synthetic:facts" and tiny.precision == "fp32"
-    paper = load_config(REPO / "configs" / "train_paper.yaml")
+    paper = load_train_config(REPO / "configs" / "train_paper.yaml")
     assert (paper.receiver, paper.sharer) == ("Qwen/Qwen3-0.6B", "Qwen/Qwen2.5-0.5B-Instruct")
     assert (paper.dataset, paper.max_examples, paper.max_length, paper.eval_fraction) == (
         "teknium/OpenHermes-2.5", 500_000, 2048, 0.01)
@@ -106,7 +96,7 @@ def test_shipped_configs_are_valid_and_the_paper_one_is_the_recipe():
     # the exemption is a fix a config names; the trainer's default is the paper's (decayed gate logits)
     assert TrainConfig().fuser == {} and FuserConfig.exempt_gates_from_weight_decay is False
     for name in ("train_tiny", "train_small", "train_small_cross", "train_transfer_small"):
-        assert load_config(REPO / "configs" / f"{name}.yaml").fuser["exempt_gates_from_weight_decay"] is True, name
+        assert load_train_config(REPO / "configs" / f"{name}.yaml").fuser["exempt_gates_from_weight_decay"] is True, name
 
 
 # ---- optimiser -----------------------------------------------------------------------------------

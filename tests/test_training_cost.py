@@ -5,7 +5,6 @@ import os
 
 import pytest
 
-from c2c.checkpoint import save_fuser
 from c2c.train import train
 from c2c.training_cost import checkpoint_times, loss_curves, read_log, smooth
 from conftest import make_fuser
@@ -34,8 +33,8 @@ def test_a_log_without_elapsed_time_falls_back_to_file_times(tmp_path, tiny_rece
     run = tmp_path / "run"
     (run / "checkpoint-000050").mkdir(parents=True)
     fuser = make_fuser(tiny_receiver[0], tiny_sharer[0])
-    save_fuser(fuser, run / "checkpoint-000050")
-    save_fuser(fuser, run / "final")
+    fuser.save_pretrained(run / "checkpoint-000050")
+    fuser.save_pretrained(run / "final")
     (run / "log.jsonl").write_text("".join(json.dumps({"step": s, "train_loss": 1.0 / (s + 1)}) + "\n"
                                            for s in (10, 50, 100)))
     (run / "data_stats.json").write_text("{}")
