@@ -169,7 +169,9 @@ def phase_table(rows: list[dict]) -> list[dict]:
         groups[(row["method"], row["stage"])].append(row)
         totals[row["method"]][row["item"]] += row["prefill_ms"] + row["decode_ms"] + row["fusion_ms"]
     out = []
-    for (method, stage), found in sorted(groups.items(), key=lambda kv: (METHOD_ORDER.index(kv[0][0]), kv[0][1])):
+    # methods in METHOD_ORDER, and within T2T and C2C the sharer's stage first (the order they run in)
+    for (method, stage), found in sorted(groups.items(), key=lambda kv: (METHOD_ORDER.index(kv[0][0]),
+                                                                         kv[0][1] != "sharer")):
         out.append({"method": method, "stage": stage, "items": len(found),
                     "input_tokens": statistics.mean(r["input_tokens"] for r in found),
                     "output_tokens": statistics.mean(r["output_tokens"] for r in found),

@@ -55,8 +55,8 @@ def test_every_phase_with_its_tokens(items, c2c, tiny_receiver, tiny_sharer):
             assert row["prefill_ms"] > 0 and row["decode_ms"] >= 0
     table = phase_table(rows)
     assert [(t["method"], t["stage"]) for t in table] == [("receiver", "receiver"), ("sharer", "sharer"),
-                                                          ("t2t", "receiver"), ("t2t", "sharer"),
-                                                          ("c2c", "receiver"), ("c2c", "sharer")]
+                                                          ("t2t", "sharer"), ("t2t", "receiver"),
+                                                          ("c2c", "sharer"), ("c2c", "receiver")]
     assert all(t["items"] == len(items) for t in table)
 
 
