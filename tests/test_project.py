@@ -118,10 +118,15 @@ def test_every_profile_sets_every_notebook_parameter_and_make_runs_every_noteboo
         cell = next(c for c in json.loads(path.read_text())["cells"] if "parameters" in c["metadata"].get("tags", []))
         tree = ast.parse("".join(cell["source"]))
         declared |= {target.id for node in tree.body if isinstance(node, ast.Assign) for target in node.targets}
-    for profile in ("tiny", "small", "paper"):
-        params = yaml.safe_load((ROOT / "params" / f"{profile}.yaml").read_text())
+    from c2c.rehearsal import derive  # the rehearsal's parameters and configs are derived from the paper profile's
+
+    rehearsal_params, rehearsal_configs = derive()
+    for profile in ("tiny", "small", "paper", "rehearsal"):
+        params = rehearsal_params if profile == "rehearsal" else \
+            yaml.safe_load((ROOT / "params" / f"{profile}.yaml").read_text())
         assert declared - set(params) == set(), profile  # a parameter left at the tiny default would be a silent bug
         for key in ("train_config", "eval_config", "transfer_config", "ablation_config"):
-            assert (ROOT / params[key]).is_file(), (profile, key)
+            path = ROOT / params[key]
+            assert path.name in rehearsal_configs if profile == "rehearsal" else path.is_file(), (profile, key)
     makefile = re.search(r"^NOTEBOOKS := (.*?[^\\])$", (ROOT / "Makefile").read_text(), re.M | re.S).group(1)
     assert sorted(makefile.replace("\\", " ").split()) == [path.stem for path in notebooks]
