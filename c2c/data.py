@@ -48,7 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from c2c.align import AlignedPrompt, TokenAligner
-from c2c.fingerprint import tokenizer_fingerprint
+from c2c.fingerprint import file_sha256, tokenizer_fingerprint
 from c2c.fused import FusedInputs, SharerInputs, collate
 from c2c.mcmix import MC_MIX_VERSION, load_mc_mix, load_mmlu_auxiliary_train, mc_conversations
 from c2c.offline import OFFLINE_PREFIX, download_archive
@@ -174,12 +174,16 @@ def load_conversations(source: str | os.PathLike, max_examples: int | None = Non
 
 
 def source_fingerprint(source: str | os.PathLike) -> str:
-    """Identifies a data source for caches: a local file by path, size and mtime; otherwise its name."""
-    path = Path(str(source)).expanduser()
+    """Identifies a data source for caches by its content: a local file, or the file an `offline:` source is
+    built into, by its SHA-256 (memoised, `c2c.fingerprint.file_sha256`); a hub dataset or a generated
+    (`synthetic:`) source by its name."""
+    text = str(source)
+    if text.startswith(OFFLINE_PREFIX):
+        return f"{text}:sha256:{file_sha256(offline_training_file(text))}"
+    path = Path(text).expanduser()
     if path.is_file():
-        stat = path.stat()
-        return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    return str(source)
+        return f"sha256:{file_sha256(path)}"
+    return text
 
 
 def write_jsonl(conversations: Iterable[list[dict]], path: str | os.PathLike) -> Path:
@@ -504,6 +508,18 @@ class TokenizedChats:
     @property
     def stats(self) -> dict:
         return self.meta["stats"]
+
+    def first_answer_tokens(self, n: int) -> "TokenizedChats":
+        """The same examples scoring only the first `n` tokens of each continuation (with an answer prefix such as
+        "The correct answer is", n = 1 scores the answer letter alone: the letter loss)."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"the number of scored answer tokens must be a positive int, got {n!r}")
+        offsets = self.arrays["continuation_offsets"]
+        kept = np.minimum(np.diff(offsets), n)  # (E,)
+        ids = [self.arrays["continuation_ids"][o:o + k] for o, k in zip(offsets[:-1], kept)]
+        arrays = {**self.arrays, "continuation_ids": np.concatenate(ids).astype(np.int32, copy=False),
+                  "continuation_offsets": np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)}
+        return TokenizedChats(arrays, {**self.meta, "answer_tokens": n})
 
     def fingerprint(self) -> str:
         """A short hash of the token content (detects a changed dataset on resume); computed once."""

@@ -259,6 +259,8 @@ def build_run(config: TrainConfig, accelerator: Accelerator, precision: str, ver
                               cache_folder=cache_dir() / "datasets" if config.data_cache else None,
                               progress=config.progress and main, num_proc=config.num_proc,
                               answer_prefix=config.answer_prefix)
+    if config.answer_tokens is not None:
+        data = data.first_answer_tokens(config.answer_tokens)
     stores = []
     if config.prefix_cache:
         with accelerator.main_process_first():

@@ -60,6 +60,8 @@ class TrainConfig:
     # the last assistant turn starts with this text, which is then part of the fused prompt (c2c.data.build_example):
     # "The correct answer is" trains multiple-choice answers in the evaluation's letter-scoring form
     answer_prefix: str | None = None
+    # score only the first N tokens of each answer turn (1 after answer_prefix: the answer letter alone); None = all
+    answer_tokens: int | None = None
     # keep the frozen models' prompt caches on disk (c2c.prefixes): computed once before the first step,
     # then every step (and every later run on the same data and models) reads them
     prefix_cache: bool = False

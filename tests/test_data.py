@@ -1,6 +1,7 @@
 """Training data: templating and label masking, system removal, length filter, split, sources, batches."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from c2c.data import (
     load_tokenized,
     natural_instruction_conversations,
     read_natural_instructions,
+    source_fingerprint,
     split_indices,
     synthetic_facts,
     tokenize_chats,
@@ -266,6 +268,37 @@ def test_tokenized_data_round_trips_through_its_cache(tmp_path, tokenizers):
     other = load_tokenized("synthetic:facts", receiver_tok, [sharer_tok], max_examples=40, max_length=30,
                            cache_folder=tmp_path, progress=False)
     assert len(list(tmp_path.iterdir())) == 2 and len(other) < 40  # another key, another cache entry
+
+
+def test_first_answer_tokens_keeps_prompts_and_cuts_each_answer(tokenizers):
+    receiver_tok, sharer_tok = tokenizers
+    full = tokenize_chats(load_conversations("synthetic:facts", 12), receiver_tok, [sharer_tok], progress=False)
+    assert min(full.continuation_lengths) > 2  # so a cut to 1 and to 2 tokens changes every example
+    for n in (1, 2):
+        cut = full.first_answer_tokens(n)
+        assert len(cut) == len(full) and cut.meta["answer_tokens"] == n and cut.fingerprint() != full.fingerprint()
+        for i in range(len(full)):
+            assert cut[i].prompt == full[i].prompt and cut[i].source_index == full[i].source_index
+            assert cut[i].continuation_ids == full[i].continuation_ids[:n]
+        assert list(cut.lengths) == list(full.prompt_lengths + n)
+    whole = full.first_answer_tokens(10_000)
+    assert [whole[i] for i in range(len(full))] == [full[i] for i in range(len(full))]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="positive int"):
+            full.first_answer_tokens(bad)
+
+
+def test_the_tokenized_cache_key_follows_the_file_content_not_its_name_size_or_time(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    write_jsonl(CHATS_A := [CHAT[1:3]], path)
+    before, stat = source_fingerprint(path), path.stat()
+    text = path.read_text()
+    path.write_text(text.replace("Paris", "Lyon!"))  # same length, other content, same times
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and source_fingerprint(path) != before
+    write_jsonl(CHATS_A, tmp_path / "elsewhere.jsonl")  # the same content under another name and time
+    assert source_fingerprint(tmp_path / "elsewhere.jsonl") == before
+    assert source_fingerprint("synthetic:facts") == "synthetic:facts"
 
 
 def test_parallel_tokenization_matches_serial(tokenizers):
