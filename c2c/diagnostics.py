@@ -9,6 +9,8 @@ on prompts without changing it.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from c2c.analysis import gate_table
+from c2c.checkpoint import load_fuser
 from c2c.data import IGNORE_INDEX, collate_examples
 from c2c.fused import pad_token_id
 from c2c.jsonl import read_jsonl
@@ -135,3 +138,40 @@ def gain_sources(out: str | os.PathLike, benchmark: str, c2c: str = "c2c", recei
             "sharer_right_on_gained": sum(right[sharer][i] for i in gained),
             "sharer_right_on_lost": sum(right[sharer][i] for i in lost),
             "agrees_with_sharer": agreement(sharer), "agrees_with_receiver": agreement(receiver)}
+
+
+def gate_summary(fuser_folder: str | os.PathLike) -> dict:
+    """How many K and V gates of a saved fuser are open at inference, and the largest |gate logit|."""
+    rows = gate_table(load_fuser(fuser_folder))
+    return {"layers": len(rows), "key_open": sum(r["key_open"] for r in rows),
+            "value_open": sum(r["value_open"] for r in rows),
+            "max_abs_logit": max(max(abs(r["key_logit"]), abs(r["value_logit"])) for r in rows)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Diagnose trained fusers from their runs and evaluation records "
+                                                 "(no model is loaded): loss curves, gates, where the gain comes from.")
+    parser.add_argument("--eval-out", required=True, help="the evaluation's output folder (results/<profile>/...)")
+    parser.add_argument("--benchmark", default="arc-challenge")
+    parser.add_argument("--fuser", action="append", required=True, metavar="KEY=RUN_FOLDER",
+                        help="a C2C method key of the evaluation and its c2c.train run folder (repeatable)")
+    parser.add_argument("--out", help="JSON file to write (default: <eval-out>/diagnostics.json)")
+    args = parser.parse_args(argv)
+    report = {}
+    for spec in args.fuser:
+        key, sep, run = spec.partition("=")
+        if not sep:
+            parser.error(f"--fuser {spec!r}: use KEY=RUN_FOLDER")
+        curve = training_curve(run)
+        report[key] = {"run": run, "training": {k: v for k, v in curve.items() if k not in ("train", "eval")},
+                       "eval_losses": curve["eval"], "gates": gate_summary(Path(run) / "final"),
+                       "gain_sources": gain_sources(args.eval_out, args.benchmark, c2c=key)}
+    out = Path(args.out or Path(args.eval_out) / "diagnostics.json")
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -8,6 +8,7 @@ import torch
 from c2c.align import AlignedPrompt
 from c2c.data import ChatExample
 from c2c.diagnostics import answer_token_losses, dynamic_weights, gain_sources, training_curve
+from c2c.diagnostics import main as diagnostics_main
 from c2c.fused import C2CModel
 from c2c.records import config_items, config_methods, records_path
 from conftest import make_fuser
@@ -99,3 +100,23 @@ def test_answer_token_losses_of_closed_gates_are_the_receivers_own(tiny_receiver
     assert top1 == 2 and got["first_token_top1"] == top1 / 3
     with pytest.raises(ValueError, match="no examples"):
         answer_token_losses(fused, [])
+
+
+def test_the_command_line_report(tmp_path, tiny_receiver, tiny_sharer):
+    run = tmp_path / "run"
+    fuser = make_fuser(tiny_receiver[0], tiny_sharer[0])
+    L = fuser.gate_logit.numel() // 2
+    with torch.no_grad():  # K gates of the first two layers open, every V gate closed
+        fuser.gate_logit.copy_(torch.tensor([[0.5 if t < 2 else -0.25, -0.75] for t in range(L)]).view_as(fuser.gate_logit))
+    fuser.save_pretrained(run / "final")
+    (run / "log.jsonl").write_text(json.dumps({"step": 0, "eval_loss": 2.0}) + "\n")
+    _write_records(tmp_path / "eval_out", "c2c", [("1", "A"), ("2", "B")])
+    _write_records(tmp_path / "eval_out", "receiver", [("1", "B"), ("2", "B")])
+    _write_records(tmp_path / "eval_out", "sharer", [("1", "A"), ("2", "A")])
+    assert diagnostics_main(["--eval-out", str(tmp_path / "eval_out"), "--fuser", f"c2c={run}"]) == 0
+    report = json.loads((tmp_path / "eval_out" / "diagnostics.json").read_text())["c2c"]
+    assert report["gates"] == {"layers": L, "key_open": 2, "value_open": 0, "max_abs_logit": 0.75}
+    assert report["gain_sources"]["gained"] == 1 and report["gain_sources"]["sharer_right_on_gained"] == 1
+    assert report["eval_losses"] == [[0, 2.0]]
+    with pytest.raises(SystemExit):
+        diagnostics_main(["--eval-out", str(tmp_path), "--fuser", "no-equals-sign"])
