@@ -42,6 +42,8 @@ OPENHERMES = "teknium/OpenHermes-2.5"
 CONFIG_PATH = re.compile(r"^configs/[\w.+-]+\.yaml$")
 PAPER_PATH = re.compile(r"^(results|runs|figures)/paper(?=/|$)")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # "Org/Name": a hub model or dataset id
+# folders of this repository that runs write into (absent in a fresh clone): "runs/x" there is a path, not a hub id
+OUTPUT_FOLDERS = ("runs", "results", "figures", "build")
 
 
 def load_overrides(path: Path = OVERRIDES) -> dict:
@@ -190,7 +192,8 @@ class Derivation:
             return self.config(value)
         if PAPER_PATH.match(value):
             return PAPER_PATH.sub(r"\1/" + PROFILE, value)
-        if HUB_ID.match(value) and not (REPO_ROOT / value.split("/")[0]).exists():
+        top = value.split("/")[0]
+        if HUB_ID.match(value) and top not in OUTPUT_FOLDERS and not (REPO_ROOT / top).exists():
             raise ValueError(f"{where} names {value!r}, a hub model or dataset without a rehearsal stand-in: add one "
                              "to `standins` in configs/rehearsal.yaml (or a local file to c2c.rehearsal.write_data)")
         return value.replace("{repo}", str(REPO_ROOT))
