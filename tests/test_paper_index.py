@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 from c2c.oracle import write_table
-from c2c.paper_index import ENTRIES, build_index, write_index
+from c2c.paper_index import ENTRIES, _ours_ablation, build_index, write_index
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,3 +60,11 @@ def test_status_follows_the_files(tmp_path):
 def test_eval_out_places_the_main_table(tmp_path):
     rows = {r["item"]: r for r in build_index("small", "results/small/mc/", tmp_path)}
     assert "results/small/mc/main_table.csv" in rows["Table 4"]["reason"]
+
+
+def test_the_ablation_row_reads_accuracy_or_loss_as_notebook_07_wrote_them():
+    facts = [{"variant": "projection", "held_out_loss": "0.5", "answer_accuracy": "0.25"},
+             {"variant": "full", "held_out_loss": "0.25", "answer_accuracy": "0.5"}]
+    assert "held-out facts" in _ours_ablation(facts) and "50" in _ours_ablation(facts)
+    general = [{"variant": "projection", "held_out_loss": "11.75"}, {"variant": "full", "held_out_loss": "11.5"}]
+    assert _ours_ablation(general) == "projection 11.750, full 11.500 (held-out loss, nats/token)"
