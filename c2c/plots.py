@@ -45,6 +45,18 @@ def method_labels(methods: list[dict]) -> list[str]:
     return labels
 
 
+def method_colours(methods: list[dict]) -> list:
+    """A colour per evaluation method entry: the first of each name its name's colour (METHODS), every further
+    entry of a name (another fuser, another scoring) its own colour from the palette."""
+    spare = iter(sns.color_palette("colorblind", 10)[4:] + sns.color_palette("dark", 10))
+    colours, seen = [], set()
+    for m in methods:
+        first = m["name"] in METHODS and m["name"] not in seen
+        colours.append(METHODS[m["name"]][1] if first else next(spare))
+        seen.add(m["name"])
+    return colours
+
+
 def grouped_bars(ax, groups: list[str], series: dict[str, tuple[list, list, list]], colours: list | None = None):
     """Bars per group (x) and series (hue), each with its interval as an error bar: series maps a label to
     (values, lows, highs), None where there is no value or no interval."""

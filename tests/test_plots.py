@@ -5,8 +5,10 @@ import math
 from itertools import product
 
 import pytest
+from matplotlib.colors import to_rgb
 
-from c2c.plots import _VENN_CENTRES, _VENN_LABELS, figure, grouped_bars, logit_limit, method_labels, radar, save, venn3
+from c2c.plots import (_VENN_CENTRES, _VENN_LABELS, METHODS, figure, grouped_bars, logit_limit, method_colours,
+                       method_labels, radar, save, venn3)
 
 
 def test_each_venn_label_lies_in_exactly_its_circles():
@@ -38,6 +40,9 @@ def test_method_labels_are_short_and_tell_same_named_methods_apart():
     assert method_labels(methods) == ["Receiver", "T2T", "C2C generate", "C2C logits"]
     assert method_labels([{"name": "c2c", "key": "c2c"}, {"name": "c2c", "key": "c2c_identical_lr5e-4"}]) == \
         ["C2C", "C2C identical lr5e-4"]
+    colours = method_colours(methods)
+    assert colours[:3] == [METHODS[name][1] for name in ("receiver", "t2t", "c2c")]  # each name's colour, everywhere
+    assert to_rgb(colours[3]) not in [to_rgb(c) for c in colours[:3]]  # a second C2C run gets a colour of its own
     with pytest.raises(ValueError, match="duplicate labels"):
         method_labels([{"name": "c2c", "key": "c2c"}, {"name": "c2c", "key": "c2c_"}])
 
