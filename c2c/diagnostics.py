@@ -88,8 +88,7 @@ def dynamic_weights(method, items: Sequence) -> list[dict]:
     fuser = method.model.fusers[0]
     if not hasattr(fuser, "weight_head"):
         raise ValueError(f"this fuser (variant {fuser.config.variant!r}) has no dynamic weights")
-    groups = fuser.gate_logit.numel() if hasattr(fuser, "gate_logit") else 2 * fuser.config.receiver_layers
-    totals = torch.zeros(groups, dtype=torch.float64)
+    totals = torch.zeros(2 * fuser.config.receiver_layers, dtype=torch.float64)  # (G,): K and V of each layer
     count = 0
 
     def accumulate(module, args, output):  # output: (G, M, Hr) logits of alpha
