@@ -10,7 +10,8 @@ STEP_LIMITS_TOTAL_S, under 8 minutes, so the whole run ends in time even where a
      compiled == eager decoding, no host synchronisation from c2c code in the fused prefill;
   2. latency at the paper's shapes (random weights) on a reduced grid, batch 1 then batch 8
      (`benchmarks/latency.py`);
-  3. training throughput at the paper's shapes (`benchmarks/train_throughput.py --cases paper`);
+  3. training throughput at the paper's shapes, online and from cached prompt caches
+     (`benchmarks/train_throughput.py --cases paper --modes online,cached`);
   4. evaluation throughput at the paper's shapes (`benchmarks/eval_throughput.py --cuda-only`).
 Writes results/gpu/<device>/{cuda_tests,latency,train_throughput,eval_throughput,summary}.json,
 summary.md and gpu_check.log (every step's output), and prints one summary table.
@@ -67,8 +68,8 @@ def plan(out: Path, tokenizer: Path | str) -> list[Step]:
              "latency.json"),
         Step("latency, batch 8", latency + ["--batches", "8", "--out", str(out / "latency_b8.csv")], 75,
              "latency.json"),
-        Step("train throughput", [python, "benchmarks/train_throughput.py", "--cases", "paper", "--steps", "5",
-                                  "--warmup", "2", "--output", str(out / "train_throughput.json")],
+        Step("train throughput", [python, "benchmarks/train_throughput.py", "--cases", "paper", "--modes", "online,cached",
+                                  "--steps", "3", "--warmup", "1", "--output", str(out / "train_throughput.json")],
              60, "train_throughput.json"),
         Step("eval throughput", [python, "benchmarks/eval_throughput.py", "--cuda-only", "--batch-sizes", "1", "16",
                                  "--items", "16", "--repeats", "2", "--max-new-tokens", "64", "--tokenizer",
@@ -201,7 +202,7 @@ def findings(out: Path, results: list[dict]) -> list[str]:
                      f"T2T/C2C {s['t2t_over_c2c']}")
     if (out / "train_throughput.json").is_file():
         for r in json.loads((out / "train_throughput.json").read_text())["results"]:
-            lines.append(f"train {r['batch']}x{r['length']}: " + (r["error"] if "error" in r else
+            lines.append(f"train {r.get('mode', 'online')} {r['batch']}x{r['length']}: " + (r["error"] if "error" in r else
                          f"{r['tokens_per_s']:.0f} tokens/s, MFU {r['mfu']}, {r.get('peak_memory_gib')} GiB"))
     if (out / "eval_throughput.json").is_file():
         for setting in json.loads((out / "eval_throughput.json").read_text())["settings"]:

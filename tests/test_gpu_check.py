@@ -64,7 +64,7 @@ def test_steps_run_under_their_limits_and_the_summary_reads_their_outputs(gpu_ch
                                       "2", "--t2t-message", "4", "--warmup", "0", "--repeats", "1",
                                       "--out", str(out / "latency_b2.csv")])
     load("latency").main()
-    load("train_throughput").main(["--cases", "tiny", "--steps", "1", "--warmup", "0",
+    load("train_throughput").main(["--cases", "tiny", "--modes", "online,cached", "--steps", "1", "--warmup", "1",
                                    "--output", str(out / "train_throughput.json")])
     load("eval_throughput").main(["--batch-sizes", "1", "--items", "2", "--repeats", "1", "--max-new-tokens", "2",
                                   "--out", str(out / "eval_throughput.json")])
@@ -81,5 +81,6 @@ def test_steps_run_under_their_limits_and_the_summary_reads_their_outputs(gpu_ch
     assert setting["c2c_over_receiver"] == pytest.approx(setting["c2c_ms"] / setting["receiver_ms"], abs=1e-3)
     assert lines[0] == "CUDA tests: 0 passed, 0 failure, 0 error, 7 skipped"
     assert lines[1].startswith("latency B=2 P=16 A=4: C2C/receiver ")
-    assert [line.split(":")[0] for line in lines[2:4]] == ["train 4x256", "train 8x512"]
-    assert lines[4].startswith("eval C2C logits (cpu): B=1 ") and lines[5].startswith("eval C2C generate (cpu): B=1 ")
+    assert [line.split(":")[0] for line in lines[2:6]] == ["train online 4x256", "train online 8x512",
+                                                           "train cached 4x256", "train cached 8x512"]
+    assert lines[6].startswith("eval C2C logits (cpu): B=1 ") and lines[7].startswith("eval C2C generate (cpu): B=1 ")
