@@ -83,6 +83,7 @@ from c2c.methods import (
     TextToText,
 )
 from c2c.models import load_model
+from c2c.paths import repo_path, repo_relative
 from c2c.prefixes import PrefixStore
 from c2c.stats import paired_comparison, pgr, wilson_interval
 
@@ -544,6 +545,8 @@ def _method_entry(entry, cfg: dict) -> dict:
         out["sharer"] = entry.get("sharer", cfg["sharer"])
         out["fuser"] = entry.get("fuser", cfg["fuser"])
         _check_fuser_spec(out["fuser"], f"methods[{out['key']}].")
+        if out["fuser"] and "checkpoint" in out["fuser"]:  # recorded repository-relative: the same from the CLI and a notebook
+            out["fuser"] = {"checkpoint": repo_relative(out["fuser"]["checkpoint"])}
     elif "sharer" in entry or "fuser" in entry:
         raise ValueError(f"method {name!r}: 'sharer' and 'fuser' can be set per method for c2c only")
     needs = {"receiver": ["receiver"], "sharer": ["sharer"], "t2t": ["receiver", "sharer"],
@@ -593,7 +596,7 @@ def _check_fuser_checkpoint(cfg: dict) -> None:
     for entry in cfg["methods"]:
         if entry["name"] != "c2c" or "checkpoint" not in entry["fuser"]:
             continue
-        folder = Path(entry["fuser"]["checkpoint"]).expanduser()
+        folder = repo_path(entry["fuser"]["checkpoint"])
         if (folder / CONFIG_NAME).is_file():
             FuserConfig.from_json_file(folder / CONFIG_NAME)
         elif not (folder / PUBLISHED_CONFIG_NAME).is_file():
@@ -620,10 +623,10 @@ def warn_if_trained_for_other_models(fuser, sources: dict) -> None:
 def _fuser(spec: dict, sources: dict, receiver, sharer):
     """A C2C method's fuser from its spec; sources: the receiver's and sharer's model sources (names)."""
     if "checkpoint" in spec:
-        folder = str(spec["checkpoint"])
+        folder = repo_path(spec["checkpoint"])
         fuser = load_fuser(folder, receiver.config, sharer.config, dtype=receiver.dtype)
         warn_if_trained_for_other_models(fuser, sources)
-        return fuser, f"checkpoint:{folder}"
+        return fuser, f"checkpoint:{repo_relative(folder)}"
     fuser = random_fuser(receiver.config, sharer.config, **(spec["random"] or {}))
     name = "random(" + ", ".join(f"{k}={v}" for k, v in sorted(spec["random"].items())) + ")"
     return fuser, name
@@ -833,8 +836,10 @@ def _provenance() -> dict:
         root = Path(__file__).resolve().parent.parent
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
+        # "-dirty" when tracked code or configs differ from the commit; results and figures being (re)written
+        # by this very run, and untracked files, do not count
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results",
+                                ":!figures"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
         info["git_commit"] = commit + ("-dirty" if dirty else "") if commit else None
     except (OSError, subprocess.SubprocessError):
         info["git_commit"] = None
@@ -877,8 +882,8 @@ def run_eval(config: str | os.PathLike | dict, out: str | os.PathLike | None = N
             raise ValueError(f"benchmarks {sorted(unknown)} are not in the config; it has "
                              f"{[b['name'] for b in cfg['benchmarks']]}")
         cfg["benchmarks"] = [b for b in cfg["benchmarks"] if b["name"] in set(benchmarks)]
-    out = Path(out or cfg["output"] or Path("results") / cfg["name"])
-    cfg["output"] = str(out)
+    out = repo_path(out or cfg["output"] or Path("results") / cfg["name"])
+    cfg["output"] = repo_relative(out)
     out.mkdir(parents=True, exist_ok=True)
     command = command or "run_eval(" + repr(str(config) if not isinstance(config, dict) else "<dict>") + ")"
     with folder_lock(out, "evaluation"):  # one run per folder (FolderInUseError names the other's pid)

@@ -1,4 +1,5 @@
-"""Where the project keeps files that are not in git: built tiny models, downloaded offline models and data."""
+"""Where the project keeps files that are not in git (built tiny models, downloaded offline models and data),
+and how configs name the repository's own files."""
 
 import os
 from pathlib import Path
@@ -11,3 +12,18 @@ def cache_dir() -> Path:
     path = Path(os.environ.get("C2C_CACHE", Path.home() / ".cache" / "c2c"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def repo_path(path: str | os.PathLike) -> Path:
+    """A path a config names, on disk. Configs are written for the repository (``runs/small/mc_fuser/final``,
+    ``results/small/mc``), so a relative path is relative to the repository root, whatever the working
+    folder (papermill runs notebooks in ``notebooks/``); ``~`` is expanded, absolute paths stay."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def repo_relative(path: str | os.PathLike) -> str:
+    """How configs and provenance record a path: relative to the repository root when it lies inside it (the
+    same string on every machine and from every working folder), else absolute."""
+    resolved = repo_path(path).resolve()
+    return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else str(resolved)

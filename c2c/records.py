@@ -19,6 +19,7 @@ from c2c.benchmarks import BenchmarkItems, MCItem, load_benchmark, resolve_sourc
 from c2c.evaluate import _Models, build_method, load_eval_config
 from c2c.fused import FusedInputs
 from c2c.jsonl import read_jsonl
+from c2c.paths import repo_relative
 from c2c.methods import C2C, Method, chat_messages, letter_scoring
 
 
@@ -82,7 +83,7 @@ def config_methods(config: str | os.PathLike | dict, keys: list[str], *, prefix_
     if fuser_checkpoint is not None:
         for key in keys:
             if entries[key]["name"] == "c2c":
-                entries[key] = {**entries[key], "fuser": {"checkpoint": str(fuser_checkpoint)}}
+                entries[key] = {**entries[key], "fuser": {"checkpoint": repo_relative(fuser_checkpoint)}}
     models = _Models(cfg)
     return {key: build_method(entries[key], cfg, models) for key in keys}
 

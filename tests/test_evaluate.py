@@ -21,6 +21,7 @@ from c2c.evaluate import (
     run_eval,
 )
 from c2c.methods import Answer, Method, ReceiverAlone
+from c2c.paths import REPO_ROOT, repo_path, repo_relative
 from conftest import make_fuser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -394,3 +395,17 @@ def test_selecting_a_method_by_key_does_not_select_others_of_its_name(tmp_path, 
     assert [m["key"] for m in report.methods] == ["c2c"]  # not the Identical control (its fuser is missing)
     by_name = load_eval_config({**config, "methods": config["methods"][:2] + [{"name": "c2c"}], "comparisons": []})
     assert [m["key"] for m in by_name["methods"]] == ["receiver_logits", "sharer_logits", "c2c_logits"]
+
+
+def test_config_paths_are_repository_relative_whatever_the_working_folder(tmp_path, monkeypatch):
+    """Notebooks run in notebooks/ (papermill), the CLI in the repository: a config's relative fuser folder means the
+    same folder in both, and both record it alike (else one refuses the other's records as another setup)."""
+    monkeypatch.chdir(tmp_path)
+    assert repo_path("runs/small/f") == REPO_ROOT / "runs" / "small" / "f"
+    assert repo_relative(REPO_ROOT / "runs" / "small" / "f") == repo_relative("runs/small/f") == "runs/small/f"
+    assert repo_relative(tmp_path / "f") == str((tmp_path / "f").resolve())  # outside the repository: absolute
+    base = {"receiver": "tiny-receiver", "sharer": "tiny-sharer",
+            "benchmarks": [{"name": "arc-challenge", "source": "tiny-fixtures"}]}
+    fusers = [load_eval_config({**base, "methods": [{"name": "c2c", "fuser": {"checkpoint": str(checkpoint)}}]})
+              ["methods"][0]["fuser"] for checkpoint in (REPO_ROOT / "runs" / "small" / "f", "runs/small/f")]
+    assert fusers == [{"checkpoint": "runs/small/f"}] * 2
