@@ -13,7 +13,7 @@ LOCK := requirements.lock
 # what `make lock` leaves out: torch itself and the CUDA runtime wheels a CUDA torch build brings
 LOCK_EXCLUDE := ^(torch|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)==
 
-.PHONY: setup lock gpu-check gpu-inputs test reproduce rehearsal announce quickstart models-small data-offline lab clean-results $(NOTEBOOKS)
+.PHONY: setup lock gpu-check gpu-inputs test reproduce rehearsal announce quickstart models-small data-offline lab clean-results
 
 setup: $(STAMP)
 
@@ -56,6 +56,7 @@ endif
 NOTEBOOKS := 00_quickstart 01_oracle_cache_enrichment 02_layer_enrichment 03_train_fuser 04_main_table 05_latency 06_tsne \
              07_ablations 08_knowledge_transfer 10_effective_rank 11_phase_timing 12_answer_overlap \
              13_mmlu_subcategories 14_fused_fraction 15_training_cost 99_paper_index
+.PHONY: $(NOTEBOOKS)
 EXECUTED := results/$(PROFILE)/notebooks
 PROFILE_INPUTS := $(if $(filter small,$(PROFILE)),models-small data-offline)
 
@@ -85,16 +86,25 @@ announce:
 	fi
 
 # One target per notebook (`make 03_train_fuser`), executed by papermill with the profile's parameters;
-# a finished notebook is not redone unless it, its parameters, or a notebook it reads from changed.
+# a finished notebook is not redone unless it, its parameters, the c2c sources, a config file its own parameters
+# name (NOTEBOOK_INPUTS, written by c2c/stages.py) or a notebook it reads from changed.
 # papermill writes <name>.partial.ipynb, renamed when the notebook finished and removed when it failed or was
 # interrupted (its error is printed above), so an executed notebook in $(EXECUTED) always ran to the end.
 $(NOTEBOOKS): %: $(EXECUTED)/%.ipynb
 
-$(EXECUTED)/%.ipynb: notebooks/%.ipynb $(PARAMS) | announce $(STAMP) $(PROFILE_INPUTS)
+C2C_SOURCES := $(wildcard c2c/*.py)
+$(EXECUTED)/%.ipynb: notebooks/%.ipynb $(PARAMS) $(C2C_SOURCES) | announce $(STAMP) $(PROFILE_INPUTS)
 	@mkdir -p $(EXECUTED)
 	@trap 'rm -f "$(@:.ipynb=.partial.ipynb)"' EXIT INT TERM; \
 	  $(PY) -m papermill $< $(@:.ipynb=.partial.ipynb) -f $(PARAMS) --cwd notebooks --log-level ERROR && \
 	  mv $(@:.ipynb=.partial.ipynb) $@
+
+NOTEBOOK_INPUTS := build/$(PROFILE)/notebook_inputs.mk
+ifneq ($(filter $(PROFILE_GOALS) results/%,$(MAKECMDGOALS)),)
+  -include $(NOTEBOOK_INPUTS)
+endif
+$(NOTEBOOK_INPUTS): $(PARAMS) $(wildcard notebooks/*.ipynb) c2c/stages.py | $(STAMP)
+	$(PY) -m c2c.stages $(PARAMS) $@ $(EXECUTED)
 
 # notebooks that read what an earlier one wrote
 $(EXECUTED)/04_main_table.ipynb: $(EXECUTED)/03_train_fuser.ipynb
@@ -158,5 +168,6 @@ gpu-inputs: $(STAMP)
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
 
+# results, figures and the profile's training runs (runs/<profile>: notebook 03 would otherwise find its old run)
 clean-results:
-	rm -rf results/$(PROFILE) figures/$(PROFILE)
+	rm -rf results/$(PROFILE) figures/$(PROFILE) runs/$(PROFILE)

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -209,6 +210,35 @@ def test_clean_results_refuses_an_empty_or_unknown_profile(tmp_path, profile):
                                                       "figures/tiny/a.png"))
     assert make_in_copy(tmp_path, "clean-results", "PROFILE=tiny").returncode == 0  # a known one is cleaned
     assert not (tmp_path / "results" / "tiny").exists() and (tmp_path / "results" / "small" / "table.md").exists()
+
+
+def test_make_redoes_a_notebook_whose_config_or_code_changed_and_the_notebooks_that_read_it(tmp_path):
+    """`make -n reproduce`: nothing when every executed notebook is newer than its inputs; after a training config
+    that notebook 03's parameters name changes, 03 and the notebooks that read its results (not the others);
+    after a c2c source changes, every notebook."""
+    for folder in ("notebooks", "configs", "c2c"):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__", "assets"))
+    notebooks = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
+    executed = tmp_path / "results" / "small" / "notebooks"
+    executed.mkdir(parents=True)
+
+    def redone(touched: str | None = None, age: int = 0) -> set[str]:
+        if touched:
+            os.utime(tmp_path / touched, (time.time() + age, time.time() + age))
+        done = make_in_copy(tmp_path, "-n", "reproduce", "PROFILE=small")
+        assert done.returncode == 0, done.stderr
+        return set(re.findall(r"papermill notebooks/(\w+)\.ipynb", done.stdout))
+
+    later = time.time() + 100  # executed after every input was written
+    for name in notebooks:
+        (executed / f"{name}.ipynb").write_text("{}")
+        os.utime(executed / f"{name}.ipynb", (later, later))
+    assert redone() == set()
+    training_and_readers = {"03_train_fuser", "04_main_table", "00_quickstart", "10_effective_rank", "11_phase_timing",
+                            "12_answer_overlap", "13_mmlu_subcategories", "14_fused_fraction", "15_training_cost",
+                            "99_paper_index"}
+    assert redone("configs/train_small_mc_identical.yaml", age=200) == training_and_readers
+    assert redone("c2c/fuser.py", age=300) == set(notebooks)
 
 
 # ----------------------------------------------------------------------------------- 3. folder locks
