@@ -23,7 +23,7 @@ from c2c.checkpoint import load_fuser
 from c2c.data import IGNORE_INDEX, collate_examples
 from c2c.fused import pad_token_id
 from c2c.jsonl import read_jsonl
-from c2c.records import correct_by_id, fused_inputs, method_records
+from c2c.records import config_items, config_methods, correct_by_id, fused_inputs, method_records
 
 
 def training_curve(run_dir: str | os.PathLike) -> dict:
@@ -148,13 +148,18 @@ def gate_summary(fuser_folder: str | os.PathLike) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Diagnose trained fusers from their runs and evaluation records "
-                                                 "(no model is loaded): loss curves, gates, where the gain comes from.")
+    parser = argparse.ArgumentParser(description="Diagnose trained fusers from their runs and evaluation records: "
+                                                 "loss curves, gates, where the gain comes from; with --eval-config, "
+                                                 "also the mean dynamic weights per layer on real prompts.")
     parser.add_argument("--eval-out", required=True, help="the evaluation's output folder (results/<profile>/...)")
     parser.add_argument("--benchmark", default="arc-challenge")
     parser.add_argument("--fuser", action="append", required=True, metavar="KEY=RUN_FOLDER",
                         help="a C2C method key of the evaluation and its c2c.train run folder (repeatable)")
     parser.add_argument("--out", help="JSON file to write (default: <eval-out>/diagnostics.json)")
+    parser.add_argument("--eval-config", help="the evaluation's config: builds each fuser's C2C method (its models "
+                                              "and prompt caches) to measure its dynamic weights")
+    parser.add_argument("--weight-items", type=int, default=64,
+                        help="benchmark items (the first of the config's) for the dynamic weights")
     args = parser.parse_args(argv)
     report = {}
     for spec in args.fuser:
@@ -165,6 +170,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         report[key] = {"run": run, "training": {k: v for k, v in curve.items() if k not in ("train", "eval")},
                        "eval_losses": curve["eval"], "gates": gate_summary(Path(run) / "final"),
                        "gain_sources": gain_sources(args.eval_out, args.benchmark, c2c=key)}
+        if args.eval_config:
+            method = config_methods(args.eval_config, [key], fuser_checkpoint=Path(run) / "final")[key]
+            items = config_items(args.eval_config, args.benchmark, args.eval_out, limit=args.weight_items)
+            rows = dynamic_weights(method, items)
+            report[key]["dynamic_weights"] = {
+                "items": len(items), "layers": rows,
+                "mean_key_alpha": sum(r["key_alpha"] for r in rows) / len(rows),
+                "mean_value_alpha": sum(r["value_alpha"] for r in rows) / len(rows),
+                "mean_key_scale": sum(r["key_scale"] for r in rows) / len(rows),
+                "mean_value_scale": sum(r["value_scale"] for r in rows) / len(rows)}
     out = Path(args.out or Path(args.eval_out) / "diagnostics.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from c2c.align import AlignedPrompt
 from c2c.data import ChatExample
@@ -118,5 +119,15 @@ def test_the_command_line_report(tmp_path, tiny_receiver, tiny_sharer):
     assert report["gates"] == {"layers": L, "key_open": 2, "value_open": 0, "max_abs_logit": 0.75}
     assert report["gain_sources"]["gained"] == 1 and report["gain_sources"]["sharer_right_on_gained"] == 1
     assert report["eval_losses"] == [[0, 2.0]]
+    # with the evaluation's config: the run's fuser on real prompts, mean dynamic weights per layer
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({**CONFIG, "methods": [{"name": "c2c", "key": "c2c"}]}))
+    assert diagnostics_main(["--eval-out", str(tmp_path / "eval_out"), "--fuser", f"c2c={run}", "--eval-config",
+                             str(config), "--weight-items", "2"]) == 0
+    weights = json.loads((tmp_path / "eval_out" / "diagnostics.json").read_text())["c2c"]["dynamic_weights"]
+    rows = weights["layers"]
+    assert weights["items"] == 2 and len(rows) == L and all(0 < r["key_alpha"] < 1 for r in rows)
+    assert weights["mean_value_scale"] == 0  # every V gate is closed
+    assert weights["mean_key_scale"] == pytest.approx(sum(r["key_alpha"] for r in rows[:2]) / L)
     with pytest.raises(SystemExit):
         diagnostics_main(["--eval-out", str(tmp_path), "--fuser", "no-equals-sign"])
