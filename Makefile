@@ -85,26 +85,32 @@ announce:
 	    { echo "PROFILE=paper needs the Hugging Face hub, which cannot be reached; use PROFILE=small or PROFILE=tiny"; exit 2; }; \
 	fi
 
-# One target per notebook (`make 03_train_fuser`), executed by papermill with the profile's parameters;
-# a finished notebook is not redone unless it, its parameters, the c2c sources, a config file its own parameters
-# name (NOTEBOOK_INPUTS, written by c2c/stages.py) or a notebook it reads from changed.
+# One target per notebook (`make 03_train_fuser`), executed by papermill with its own parameters from the profile's
+# (STAGE_PARAMS/<notebook>.yaml, written by c2c/stages.py); a finished notebook is not redone unless it, its
+# parameters, the c2c sources, a config file its parameters name (NOTEBOOK_INPUTS) or a notebook it reads from changed.
 # papermill writes <name>.partial.ipynb, renamed when the notebook finished and removed when it failed or was
 # interrupted (its error is printed above), so an executed notebook in $(EXECUTED) always ran to the end.
 $(NOTEBOOKS): %: $(EXECUTED)/%.ipynb
 
 C2C_SOURCES := $(wildcard c2c/*.py)
-$(EXECUTED)/%.ipynb: notebooks/%.ipynb $(PARAMS) $(C2C_SOURCES) | announce $(STAMP) $(PROFILE_INPUTS)
+STAGE_PARAMS := build/$(PROFILE)/params
+$(EXECUTED)/%.ipynb: notebooks/%.ipynb $(STAGE_PARAMS)/%.yaml $(C2C_SOURCES) | announce $(STAMP) $(PROFILE_INPUTS)
 	@mkdir -p $(EXECUTED)
 	@trap 'rm -f "$(@:.ipynb=.partial.ipynb)"' EXIT INT TERM; \
-	  $(PY) -m papermill $< $(@:.ipynb=.partial.ipynb) -f $(PARAMS) --cwd notebooks --log-level ERROR && \
+	  $(PY) -m papermill $< $(@:.ipynb=.partial.ipynb) -f $(STAGE_PARAMS)/$*.yaml --cwd notebooks --log-level ERROR && \
 	  mv $(@:.ipynb=.partial.ipynb) $@
 
+# written (as make reads this file, also under -n) whenever the profile's parameters or a notebook changed; each
+# notebook's parameter file is rewritten only when its own parameters changed
 NOTEBOOK_INPUTS := build/$(PROFILE)/notebook_inputs.mk
-ifneq ($(filter $(PROFILE_GOALS) results/%,$(MAKECMDGOALS)),)
-  -include $(NOTEBOOK_INPUTS)
+ifneq ($(filter reproduce $(NOTEBOOKS) results/%,$(MAKECMDGOALS)),)
+  include $(NOTEBOOK_INPUTS)
 endif
+WRITE_STAGES = $(PY) -m c2c.stages $(PARAMS) $(NOTEBOOK_INPUTS) $(EXECUTED) $(STAGE_PARAMS)
 $(NOTEBOOK_INPUTS): $(PARAMS) $(wildcard notebooks/*.ipynb) c2c/stages.py | $(STAMP)
-	$(PY) -m c2c.stages $(PARAMS) $@ $(EXECUTED)
+	$(WRITE_STAGES)
+$(STAGE_PARAMS)/%.yaml: | $(STAMP)  # only when one is missing
+	$(WRITE_STAGES)
 
 # notebooks that read what an earlier one wrote
 $(EXECUTED)/04_main_table.ipynb: $(EXECUTED)/03_train_fuser.ipynb

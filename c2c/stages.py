@@ -1,13 +1,16 @@
 """What each notebook stage of `make reproduce` reads, for the Makefile to know when its result is stale.
 
 A notebook's parameters cell names the parameters it takes; the profile's parameter file gives their values.
-Every value that names a config file of the repository (``configs/train_small_mc.yaml``, also inside a dict
-or list) is an input of that notebook: editing the config makes its executed copy out of date, and the
-Makefile's order of notebooks carries that on to the notebooks that read its results.
+Each notebook gets only its own parameters (``<params dir>/<notebook>.yaml``, rewritten only when they
+change, so editing one notebook's parameter does not make the others stale). Every value that names a
+config file of the repository (``configs/train_small_mc.yaml``, also inside a dict or list) is an input of
+that notebook too: editing the config makes its executed copy out of date, and the Makefile's order of
+notebooks carries that on to the notebooks that read its results. A profile key that no notebook takes
+is refused (a typo would otherwise be ignored silently).
 
-    python -m c2c.stages PARAMS.yaml OUT.mk [EXECUTED_DIR]
+    python -m c2c.stages PARAMS.yaml OUT.mk EXECUTED_DIR PARAMS_DIR
 
-writes one make rule per notebook, ``<executed>/<notebook>.ipynb: <config files>``.
+writes the parameter files and one make rule per notebook, ``<executed>/<notebook>.ipynb: <config files>``.
 """
 
 from __future__ import annotations
@@ -53,24 +56,45 @@ def notebook_inputs(params: dict, notebooks: list[Path], root: Path) -> dict[str
             for nb in notebooks}
 
 
-def write_rules(params_path: str | Path, out: str | Path, executed: str, root: Path = REPO_ROOT) -> Path:
+def write_if_changed(path: Path, text: str) -> bool:
+    """Write the file unless it already holds this text (its modification time then stays)."""
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return True
+
+
+def write_stages(params_path: str | Path, out: str | Path, executed: str, params_dir: str | Path,
+                 root: Path = REPO_ROOT) -> Path:
+    """Each notebook's parameter file and the make rules of the config files it reads (see the module doc)."""
     params = yaml.safe_load(Path(params_path).read_text(encoding="utf-8")) or {}
-    inputs = notebook_inputs(params, sorted((root / "notebooks").glob("*.ipynb")), root)
+    notebooks = sorted((root / "notebooks").glob("*.ipynb"))
+    names = {nb.stem: notebook_parameters(nb) for nb in notebooks}
+    unused = sorted(set(params) - set().union(*names.values()))
+    if unused:
+        raise ValueError(f"{params_path}: no notebook takes the keys {unused}: a typo? (a notebook's parameters are "
+                         "the names its cell tagged 'parameters' assigns)")
+    for name, keys in names.items():
+        mine = {key: params[key] for key in keys if key in params}
+        write_if_changed(Path(params_dir) / f"{name}.yaml", yaml.safe_dump(mine, sort_keys=False, allow_unicode=True))
+    inputs = notebook_inputs(params, notebooks, root)
     lines = [f"# written by `python -m c2c.stages {params_path}`: the config files each notebook's parameters name"]
     lines += [f"{executed}/{name}.ipynb: {' '.join(files)}" for name, files in inputs.items() if files]
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_if_changed(out, "\n".join(lines) + "\n")
+    out.touch()  # newer than what it was made from, so make does not remake it again
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) not in (2, 3):
-        raise SystemExit("usage: python -m c2c.stages PARAMS.yaml OUT.mk [EXECUTED_DIR]")
-    params_path, out = args[:2]
-    profile = (yaml.safe_load(Path(params_path).read_text(encoding="utf-8")) or {}).get("profile")
-    write_rules(params_path, out, args[2] if len(args) == 3 else f"results/{profile}/notebooks", root=Path.cwd())
+    if len(args) != 4:
+        raise SystemExit("usage: python -m c2c.stages PARAMS.yaml OUT.mk EXECUTED_DIR PARAMS_DIR")
+    try:
+        write_stages(*args, root=Path.cwd())
+    except ValueError as error:
+        raise SystemExit(f"c2c.stages: {error}") from None
 
 
 if __name__ == "__main__":

@@ -192,7 +192,8 @@ def make_in_copy(tmp_path, *args, **env) -> subprocess.CompletedProcess:
     for name in ("Makefile", "pyproject.toml", "requirements.lock"):
         if (ROOT / name).exists():
             shutil.copy(ROOT / name, tmp_path / name)
-    shutil.copytree(ROOT / "params", tmp_path / "params", dirs_exist_ok=True)
+    if not (tmp_path / "params").exists():  # a test may edit the copy
+        shutil.copytree(ROOT / "params", tmp_path / "params")
     stamp = tmp_path / "stamp"
     stamp.touch()
     return subprocess.run(["make", "-C", str(tmp_path), *args, f"PY={sys.executable}", f"STAMP={stamp}"],
@@ -213,32 +214,50 @@ def test_clean_results_refuses_an_empty_or_unknown_profile(tmp_path, profile):
 
 
 def test_make_redoes_a_notebook_whose_config_or_code_changed_and_the_notebooks_that_read_it(tmp_path):
-    """`make -n reproduce`: nothing when every executed notebook is newer than its inputs; after a training config
-    that notebook 03's parameters name changes, 03 and the notebooks that read its results (not the others);
-    after a c2c source changes, every notebook."""
+    """`make -n reproduce`: nothing when every executed notebook is newer than its inputs; after one notebook's
+    parameter changes, that notebook (and the index); after a training config that notebook 03's parameters
+    name changes, 03 and the notebooks that read its results (not the others); after a c2c source changes,
+    every notebook; a profile key that no notebook takes is refused."""
     for folder in ("notebooks", "configs", "c2c"):
         shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__", "assets"))
     notebooks = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
     executed = tmp_path / "results" / "small" / "notebooks"
     executed.mkdir(parents=True)
 
-    def redone(touched: str | None = None, age: int = 0) -> set[str]:
-        if touched:
-            os.utime(tmp_path / touched, (time.time() + age, time.time() + age))
-        done = make_in_copy(tmp_path, "-n", "reproduce", "PROFILE=small")
+    def make_n() -> subprocess.CompletedProcess:
+        return make_in_copy(tmp_path, "-n", "reproduce", "PROFILE=small")
+
+    def executed_now() -> None:  # every notebook ran after every input was written
+        for path in [p for p in tmp_path.rglob("*") if p.is_file()]:
+            os.utime(path, (time.time() - 1000, time.time() - 1000))
+        now = time.time()
+        for name in notebooks:
+            (executed / f"{name}.ipynb").write_text("{}")
+            os.utime(executed / f"{name}.ipynb", (now, now))
+
+    def redone(changed: str | None = None) -> set[str]:
+        if changed:
+            (tmp_path / changed).touch()
+        done = make_n()
         assert done.returncode == 0, done.stderr
         return set(re.findall(r"papermill notebooks/(\w+)\.ipynb", done.stdout))
 
-    later = time.time() + 100  # executed after every input was written
-    for name in notebooks:
-        (executed / f"{name}.ipynb").write_text("{}")
-        os.utime(executed / f"{name}.ipynb", (later, later))
+    assert make_n().returncode == 0  # writes build/small/ (the notebooks' parameters and inputs)
+    executed_now()
     assert redone() == set()
-    training_and_readers = {"03_train_fuser", "04_main_table", "00_quickstart", "10_effective_rank", "11_phase_timing",
-                            "12_answer_overlap", "13_mmlu_subcategories", "14_fused_fraction", "15_training_cost",
-                            "99_paper_index"}
-    assert redone("configs/train_small_mc_identical.yaml", age=200) == training_and_readers
-    assert redone("c2c/fuser.py", age=300) == set(notebooks)
+    # one notebook's parameter: that notebook (and the index, which reads every notebook's results), no other
+    params = tmp_path / "params" / "small.yaml"
+    params.write_text(params.read_text().replace("erank_limit: 64", "erank_limit: 32"))
+    assert redone() == {"10_effective_rank", "99_paper_index"}
+    assert "erank_limit: 32" in (tmp_path / "build" / "small" / "params" / "10_effective_rank.yaml").read_text()
+    executed_now()
+    assert redone("configs/train_small_mc_identical.yaml") == {
+        "03_train_fuser", "04_main_table", "00_quickstart", "10_effective_rank", "11_phase_timing", "12_answer_overlap",
+        "13_mmlu_subcategories", "14_fused_fraction", "15_training_cost", "99_paper_index"}
+    assert redone("c2c/fuser.py") == set(notebooks)
+    params.write_text(params.read_text() + "erank_limt: 8\n")
+    done = make_n()
+    assert done.returncode != 0 and "no notebook takes the keys ['erank_limt']" in done.stdout + done.stderr
 
 
 # ----------------------------------------------------------------------------------- 3. folder locks
