@@ -109,15 +109,10 @@ def test_readme_quickstart_runs():
 
 
 def test_every_profile_sets_every_notebook_parameter_and_make_runs_every_notebook():
-    import ast
-    import json
+    from c2c.stages import notebook_parameters
 
     notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-    declared = set()
-    for path in notebooks:
-        cell = next(c for c in json.loads(path.read_text())["cells"] if "parameters" in c["metadata"].get("tags", []))
-        tree = ast.parse("".join(cell["source"]))
-        declared |= {target.id for node in tree.body if isinstance(node, ast.Assign) for target in node.targets}
+    declared = set().union(*(notebook_parameters(path) for path in notebooks))
     from c2c.rehearsal import derive  # the rehearsal's parameters and configs are derived from the paper profile's
 
     rehearsal_params, rehearsal_configs = derive()
