@@ -5,8 +5,8 @@ Each notebook gets only its own parameters (``<params dir>/<notebook>.yaml``, re
 change, so editing one notebook's parameter does not make the others stale). Every value that names a
 config file of the repository (``configs/train_small_mc.yaml``, also inside a dict or list) is an input of
 that notebook too: editing the config makes its executed copy out of date, and the Makefile's order of
-notebooks carries that on to the notebooks that read its results. A profile key that no notebook takes
-is refused (a typo would otherwise be ignored silently).
+notebooks carries that on to the notebooks that read its results. (That every profile key is some
+notebook's parameter, so a typo is not silently ignored, is a test: tests/test_project.py.)
 
     python -m c2c.stages PARAMS.yaml OUT.mk EXECUTED_DIR PARAMS_DIR
 
@@ -71,10 +71,6 @@ def write_stages(params_path: str | Path, out: str | Path, executed: str, params
     params = yaml.safe_load(Path(params_path).read_text(encoding="utf-8")) or {}
     notebooks = sorted((root / "notebooks").glob("*.ipynb"))
     names = {nb.stem: notebook_parameters(nb) for nb in notebooks}
-    unused = sorted(set(params) - set().union(*names.values()))
-    if unused:
-        raise ValueError(f"{params_path}: no notebook takes the keys {unused}: a typo? (a notebook's parameters are "
-                         "the names its cell tagged 'parameters' assigns)")
     for name, keys in names.items():
         mine = {key: params[key] for key in keys if key in params}
         write_if_changed(Path(params_dir) / f"{name}.yaml", yaml.safe_dump(mine, sort_keys=False, allow_unicode=True))
@@ -91,10 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 4:
         raise SystemExit("usage: python -m c2c.stages PARAMS.yaml OUT.mk EXECUTED_DIR PARAMS_DIR")
-    try:
-        write_stages(*args, root=Path.cwd())
-    except ValueError as error:
-        raise SystemExit(f"c2c.stages: {error}") from None
+    write_stages(*args, root=Path.cwd())
 
 
 if __name__ == "__main__":

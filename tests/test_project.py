@@ -120,6 +120,7 @@ def test_every_profile_sets_every_notebook_parameter_and_make_runs_every_noteboo
         params = rehearsal_params if profile == "rehearsal" else \
             yaml.safe_load((ROOT / "params" / f"{profile}.yaml").read_text())
         assert declared - set(params) == set(), profile  # a parameter left at the tiny default would be a silent bug
+        assert set(params) - declared == set(), profile  # a key no notebook takes (a typo) would be ignored silently
         for key in ("train_config", "eval_config", "transfer_config", "ablation_config"):
             path = ROOT / params[key]
             assert path.name in rehearsal_configs if profile == "rehearsal" else path.is_file(), (profile, key)
