@@ -25,6 +25,7 @@ of the items did once ``ERROR_FRACTION_MIN_ITEMS`` have run.
 Command line::
 
     python -m c2c.evaluate --config configs/eval_tiny.yaml [--out DIR] [--limit N] [--batch-size B]
+    python -m c2c.evaluate --config configs/eval_tiny.yaml --table-only   # the table from the records, no model
 
 From Python / a notebook: ``run_eval("configs/eval_tiny.yaml", out=...)`` or, for a method object
 you built yourself, ``evaluate(method, items, folder)``.
@@ -85,7 +86,8 @@ from c2c.methods import (
 from c2c.models import load_model
 from c2c.paths import repo_path, repo_relative
 from c2c.prefixes import PrefixStore
-from c2c.stats import paired_comparison, pgr, wilson_interval
+from c2c.routing import ROUTING_LABEL, route
+from c2c.stats import paired_by_id, pgr, wilson_interval
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,9 @@ DEFAULTS: dict[str, Any] = {
     # pairs [a, b] of method keys: a paired test of a against b on the items both answered (the table's
     # "Comparisons"); PGR is reported for every method when the receiver and sharer alone both ran
     "comparisons": [],
+    # Table 4's Routing baseline as a derived row "routing" (c2c.routing: the offline stand-in, half the queries to
+    # each model by the receiver's confidence), from the receiver's and sharer's records (both scoring: logits)
+    "routing": False,
 }
 # "sharer" and "fuser" (C2C only) override the config's for one method, e.g. the Identical control:
 # {name: c2c, key: c2c_identical, sharer: <the receiver>, fuser: {checkpoint: <its fuser>}}
@@ -136,6 +141,7 @@ METHOD_KEYS = {"name", "key", "label", "scoring", "max_new_tokens", "assistant_p
                "sharer_max_new_tokens", "batch_size", "sharer", "fuser"}
 BENCHMARK_KEYS = {"name", "source", "split", "limit", "subjects"}
 STATIC_CACHE = {"auto": None, True: True, False: False}  # config value -> Method(static_cache=...)
+ROUTING_KEY = "routing"  # the derived routing baseline's key in the table and in comparisons
 
 
 class EvaluationError(RuntimeError):
@@ -450,7 +456,17 @@ def load_eval_config(config: str | os.PathLike | dict) -> dict:
     comparisons = cfg["comparisons"] or []
     if not isinstance(comparisons, list) or any(not isinstance(c, (list, tuple)) or len(c) != 2 for c in comparisons):
         raise ValueError(f"config key 'comparisons' must be a list of [method key, method key] pairs, got {comparisons!r}")
-    unknown = sorted({k for pair in comparisons for k in pair} - set(keys))
+    if not isinstance(cfg["routing"], bool):
+        raise ValueError(f"config key 'routing' must be true or false, got {cfg['routing']!r}")
+    if cfg["routing"]:
+        names = {m["name"]: m for m in cfg["methods"]}
+        if "receiver" not in names or "sharer" not in names or ROUTING_KEY in keys:
+            raise ValueError(f"routing: true needs methods named receiver and sharer and no method keyed "
+                             f"{ROUTING_KEY!r}; the config's methods: {keys}")
+        if any(names[n]["scoring"] != "logits" for n in ("receiver", "sharer")):
+            raise ValueError("routing: true needs the receiver and sharer scored with scoring: logits (the router "
+                             "reads the receiver's letter scores)")
+    unknown = sorted({k for pair in comparisons for k in pair} - set(keys) - ({ROUTING_KEY} if cfg["routing"] else set()))
     if unknown:
         raise ValueError(f"comparisons name methods {unknown} that the config does not run; its method keys: {keys}")
     cfg["comparisons"] = [list(pair) for pair in comparisons]
@@ -705,13 +721,9 @@ class EvalReport:
         for a, b in self.config["comparisons"]:
             for bench in self.benchmarks:
                 ra, rb = self.results.get((a, bench)), self.results.get((b, bench))
-                if ra is None or rb is None:
+                c = paired_by_id(ra.records, rb.records) if ra and rb else None
+                if c is None:
                     continue
-                correct_b = {r["id"]: r["correct"] for r in rb.records}
-                common = [r for r in ra.records if r["id"] in correct_b]
-                if not common:
-                    continue
-                c = paired_comparison([r["correct"] for r in common], [correct_b[r["id"]] for r in common])
                 rows.append({"a": a, "b": b, "benchmark": bench, "n": c.n,
                              "accuracy_a": round(100 * c.accuracy_a, 2), "accuracy_b": round(100 * c.accuracy_b, 2),
                              "difference": round(100 * c.difference, 2),
@@ -745,7 +757,11 @@ class EvalReport:
                            for m in self.methods if m["name"] == "c2c")
                  + f". Zero-shot, one user turn, thinking disabled; dtype {cfg['dtype']}.", "",
                  "Accuracy (%) [95% Wilson interval]; parse failures and items that raised count as wrong. "
-                 "Average = mean over the benchmarks.", "",
+                 "Average = mean over the benchmarks."
+                 + (" Routing: each query answered by the receiver or the sharer alone, half each, by the receiver's "
+                    "confidence in its own answer (c2c.routing: an offline stand-in for the paper's RouteLLM router; "
+                    "its time is the receiver's plus the sharer's on the routed half)."
+                    if any(m["key"] == ROUTING_KEY for m in self.methods) else ""), "",
                  "| Method | Scoring | " + " | ".join(titles) + " | Average |",
                  "|---|---|" + "---:|" * (len(titles) + 1)]
 
@@ -865,6 +881,16 @@ def run_eval(config: str | os.PathLike | dict, out: str | os.PathLike | None = N
     name) / benchmark names.
     Benchmarks are all loaded (and their files checked) before any model is loaded.
     """
+    cfg, out = _selected(config, out, overrides, methods, benchmarks)
+    command = command or "run_eval(" + repr(str(config) if not isinstance(config, dict) else "<dict>") + ")"
+    with folder_lock(out, "evaluation"):  # one run per folder (FolderInUseError names the other's pid)
+        return _run_locked(cfg, out, command, progress)
+
+
+def _selected(config, out, overrides: dict, methods: Sequence[str] | None,
+              benchmarks: Sequence[str] | None) -> tuple[dict, Path]:
+    """The checked config with the overrides applied, only the methods / benchmarks asked for, and its run folder
+    (made)."""
     raw = _read_raw(config)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     cfg = load_eval_config(raw)
@@ -885,21 +911,14 @@ def run_eval(config: str | os.PathLike | dict, out: str | os.PathLike | None = N
     out = repo_path(out or cfg["output"] or Path("results") / cfg["name"])
     cfg["output"] = repo_relative(out)
     out.mkdir(parents=True, exist_ok=True)
-    command = command or "run_eval(" + repr(str(config) if not isinstance(config, dict) else "<dict>") + ")"
-    with folder_lock(out, "evaluation"):  # one run per folder (FolderInUseError names the other's pid)
-        return _run_locked(cfg, out, command, progress)
+    return cfg, out
 
 
 def _run_locked(cfg: dict, out: Path, command: str, progress: bool) -> EvalReport:
     """``run_eval`` once its config is checked and its run folder locked."""
     # 1. every benchmark and the fuser's config, before any model (missing files and bad records fail fast)
     _check_fuser_checkpoint(cfg)
-    loaded = {}
-    for b in cfg["benchmarks"]:
-        source = resolve_source(b["source"], b["name"], out)
-        loaded[b["name"]] = (load_benchmark(b["name"], source, split=b["split"], limit=b["limit"],
-                                            subjects=b["subjects"]), source)
-        print(f"{b['name']}: {len(loaded[b['name']][0])} items from {source or 'the hub'}", flush=True)
+    loaded = _load_benchmarks(cfg, out)
     _write_config(cfg, out, command)
 
     # 2. every method on every benchmark
@@ -909,10 +928,9 @@ def _run_locked(cfg: dict, out: Path, command: str, progress: bool) -> EvalRepor
         method = build_method(entry, cfg, models)
         entry["label"] = method.label
         for b in cfg["benchmarks"]:
-            items, source = loaded[b["name"]]
-            bench_info = {"name": b["name"], "source": b["source"], "split": b["split"], "subjects": b["subjects"]}
+            items = loaded[b["name"]]
             result = evaluate(method, items, out / "eval" / entry["key"], benchmark=b["name"], key=entry["key"],
-                              batch_size=entry["batch_size"], progress=progress, source=bench_info,
+                              batch_size=entry["batch_size"], progress=progress, source=_benchmark_info(b),
                               dropped=getattr(items, "dropped", {}))
             results[(entry["key"], b["name"])] = result
             print(f"{entry['key']} / {b['name']}: accuracy {100 * result.accuracy:.2f}% "
@@ -922,10 +940,98 @@ def _run_locked(cfg: dict, out: Path, command: str, progress: bool) -> EvalRepor
                 print(f"    unparsed {e['id']}: {e['text'][:100]!r}", flush=True)
             for e in result.error_examples:
                 print(f"    raised {e['id']}: {e['error'][:200]}", flush=True)
-    report = EvalReport(cfg, out, cfg["methods"], [b["name"] for b in cfg["benchmarks"]], results, command)
+    return _write_report(cfg, out, results, command)
+
+
+def _load_benchmarks(cfg: dict, out: Path) -> dict:
+    """benchmark name -> its items (``BenchmarkItems``), every benchmark of the config loaded and checked."""
+    loaded = {}
+    for b in cfg["benchmarks"]:
+        source = resolve_source(b["source"], b["name"], out)
+        loaded[b["name"]] = load_benchmark(b["name"], source, split=b["split"], limit=b["limit"],
+                                           subjects=b["subjects"])
+        print(f"{b['name']}: {len(loaded[b['name']])} items from {source or 'the hub'}", flush=True)
+    return loaded
+
+
+def _benchmark_info(entry: dict) -> dict:
+    """A benchmark entry as its records' meta holds it (where the items came from)."""
+    return {"name": entry["name"], "source": entry["source"], "split": entry["split"], "subjects": entry["subjects"]}
+
+
+def _write_report(cfg: dict, out: Path, results: dict, command: str) -> EvalReport:
+    """The main table of these results (plus the derived routing row where the config asks), written to ``out``."""
+    methods = list(cfg["methods"])
+    by_name = {m["name"]: m["key"] for m in reversed(methods)}  # the first method of each name
+    if cfg["routing"] and {"receiver", "sharer"} <= set(by_name):
+        for b in cfg["benchmarks"]:
+            weak, strong = results.get((by_name["receiver"], b["name"])), results.get((by_name["sharer"], b["name"]))
+            if weak and strong:
+                results[(ROUTING_KEY, b["name"])] = BenchmarkResult(ROUTING_KEY, ROUTING_LABEL, b["name"],
+                                                                    route(weak.records, strong.records), weak.dropped)
+        methods.append({"key": ROUTING_KEY, "name": ROUTING_KEY, "label": ROUTING_LABEL, "scoring": "logits"})
+    report = EvalReport(cfg, out, methods, [b["name"] for b in cfg["benchmarks"]], results, command)
     report.write()
     print(f"wrote {out / 'main_table.md'} and {out / 'main_table.csv'}", flush=True)
     return report
+
+
+def table_from_records(config: str | os.PathLike | dict, out: str | os.PathLike | None = None, *,
+                       command: str | None = None, methods: Sequence[str] | None = None,
+                       benchmarks: Sequence[str] | None = None, **overrides) -> EvalReport:
+    """The main table rebuilt from the records on disk, loading no model (arguments as ``run_eval``'s).
+
+    A method with no records on a benchmark is a "-" in the table; records that do not cover every item of the
+    benchmark stop it (finish the evaluation first). Records written under other prompt/scoring code
+    (``EVAL_CODE``) or other benchmark records, or by another method or scoring, are refused as ``run_eval``
+    refuses them; the models' and fusers' fingerprints are not checked (no model is loaded): the records' meta
+    files name them.
+    """
+    cfg, out = _selected(config, out, overrides, methods, benchmarks)
+    command = command or "table_from_records(" + repr(str(config) if not isinstance(config, dict) else "<dict>") + ")"
+    with folder_lock(out, "evaluation"):
+        loaded = _load_benchmarks(cfg, out)
+        code = code_version(*EVAL_CODE)
+        results = {}
+        for entry in cfg["methods"]:
+            for b in cfg["benchmarks"]:
+                result = _recorded_result(entry, b, loaded[b["name"]], out, code)
+                if result is not None:
+                    results[(entry["key"], b["name"])] = result
+            entry["label"] = entry.get("label") or entry["key"]  # a method with no records yet
+        _write_config(cfg, out, command)
+        return _write_report(cfg, out, results, command)
+
+
+def _recorded_result(entry: dict, benchmark: dict, items, out: Path, code: str) -> BenchmarkResult | None:
+    """One method's records on one benchmark as a result, checked against the config (``table_from_records``)."""
+    path = out / "eval" / entry["key"] / f"{benchmark['name']}.jsonl"
+    meta_path = path.with_name(f"{benchmark['name']}.meta.json")
+    if not path.exists():
+        return None
+    if not meta_path.is_file():
+        raise ValueError(f"{path} exists without {meta_path.name}: its setup is unknown; delete it and re-evaluate")
+    meta = json.loads(meta_path.read_text())
+    recorded = {"method": meta["method"]["method"], "scoring": meta["method"]["scoring"],
+                "benchmark": meta["benchmark"], "code": meta["fingerprints"]["code"],
+                "data": meta["fingerprints"]["data"]}
+    wanted = {"method": entry["name"], "scoring": entry["scoring"], "benchmark": _benchmark_info(benchmark),
+              "code": code, "data": getattr(items, "fingerprint", None)}
+    changed = [f"{k}: recorded {recorded[k]!r}, now {wanted[k]!r}" for k in wanted if recorded[k] != wanted[k]]
+    if changed:
+        raise ValueError(f"{path} holds results of a different setup ({'; '.join(changed)}): re-evaluate it "
+                         "(python -m c2c.evaluate --config ...) or point the table at the right run folder")
+    by_id = {r["id"]: r for r in read_records(path)}
+    missing = [i.id for i in items if i.id not in by_id]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} of {len(items)} items have no record yet (e.g. {missing[:3]}); "
+                         "finish the evaluation (python -m c2c.evaluate --config ...) before building the table")
+    model = Path(meta["method"].get("model") or "").name
+    default = {"receiver": f"Receiver alone ({model})", "sharer": f"Sharer alone ({model})", "t2t": "T2T",
+               "c2c": "C2C"}[entry["name"]]  # as c2c.methods' default_label (a test compares them)
+    entry["label"] = entry.get("label") or default
+    return BenchmarkResult(entry["key"], entry["label"], benchmark["name"], [by_id[i.id] for i in items],
+                           dict(getattr(items, "dropped", {})))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -938,14 +1044,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", help="comma-separated method keys or names to run (default: all)")
     parser.add_argument("--benchmarks", help="comma-separated benchmark names to run (default: all)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--table-only", action="store_true",
+                        help="rebuild the main table from the records on disk, loading no model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     command = "python -m c2c.evaluate " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     try:
-        run_eval(args.config, args.out, progress=not args.no_progress, command=command, limit=args.limit,
-                 batch_size=args.batch_size, scoring=args.scoring,
-                 methods=args.methods.split(",") if args.methods else None,
-                 benchmarks=args.benchmarks.split(",") if args.benchmarks else None)
+        selection = {"command": command, "limit": args.limit, "batch_size": args.batch_size, "scoring": args.scoring,
+                     "methods": args.methods.split(",") if args.methods else None,
+                     "benchmarks": args.benchmarks.split(",") if args.benchmarks else None}
+        if args.table_only:
+            table_from_records(args.config, args.out, **selection)
+        else:
+            run_eval(args.config, args.out, progress=not args.no_progress, **selection)
     except (EvaluationError, ValueError, FileNotFoundError, FolderInUseError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

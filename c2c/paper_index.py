@@ -152,8 +152,10 @@ ENTRIES: tuple[Entry, ...] = (
           ours=_ours_time, paper_profile_reproduces=True),
     Entry("Table 4", "Main results: accuracy and time on four benchmarks", "04_main_table",
           _both("{eval_out}/main_table"), _figure("main_table"),
-          paper="Qwen2.5-0.5B sharer, mean of 4: receiver 36.95, sharer 41.58, T2T 42.60, C2C 47.95",
-          ours=_ours_main, paper_profile_reproduces=True),
+          paper="Qwen2.5-0.5B sharer, mean of 4: receiver 36.95, sharer 41.58, Routing 37.92, T2T 42.60, C2C 47.95",
+          ours=_ours_main, paper_profile_reproduces=True,
+          note="Routing, where present, is an offline stand-in (c2c.routing: the receiver's confidence in place of "
+               "RouteLLM's router)"),
     Entry("Table 5", "LongBench by input length (Qwen2.5-0.5B -> Qwen3-0.6B)", kind="later",
           reason=f"{LATER}: LongBench-E training and evaluation",
           paper="C2C 37.31 / 34.01 / 30.72 (0-4k / 4-8k / 8k+) vs T2T 33.46 / 29.70 / 25.64"),

@@ -16,7 +16,7 @@ from c2c.paths import REPO_ROOT
 
 # the four systems of the paper: a short name and one colour each, the same in every figure
 METHODS = {"receiver": ("Receiver", "#8c8c8c"), "sharer": ("Sharer", "#4c72b0"), "t2t": ("T2T", "#55a868"),
-           "c2c": ("C2C", "#dd8452")}
+           "c2c": ("C2C", "#dd8452"), "routing": ("Routing", "#8172b3")}
 
 
 def style() -> None:

@@ -7,6 +7,7 @@ the items on which they disagree. Plain Python (exact binomial sums with integer
 * ``paired_comparison(a, b)``: difference of two methods' accuracies on the same items, its 95%
   interval (Wald on the per-item differences), the discordant counts and the exact two-sided
   McNemar p-value (a binomial test on the discordant items).
+* ``paired_by_id(records_a, records_b)``: the same on the items both per-item record lists hold (by ``id``).
 * ``pgr(method, weak, strong)``: performance gap recovered, (method - weak) / (strong - weak), the
   paper's PGR with the receiver as the weak and the sharer as the strong model.
 """
@@ -74,6 +75,16 @@ def paired_comparison(a: Sequence[bool], b: Sequence[bool], z: float = Z95) -> P
     return PairedComparison(n, sum(map(bool, a)) / n, sum(map(bool, b)) / n, difference,
                             (difference - half, difference + half), a_only, b_only,
                             binomial_two_sided_p(a_only, a_only + b_only))
+
+
+def paired_by_id(records_a: Sequence[dict], records_b: Sequence[dict]) -> PairedComparison | None:
+    """``paired_comparison`` of two methods' per-item records (``{"id", "correct", ...}``) on the items both hold,
+    in a's order; None when they share no item (e.g. runs on different subsets)."""
+    correct_b = {r["id"]: bool(r["correct"]) for r in records_b}
+    common = [r for r in records_a if r["id"] in correct_b]
+    if not common:
+        return None
+    return paired_comparison([bool(r["correct"]) for r in common], [correct_b[r["id"]] for r in common])
 
 
 def pgr(method: float, weak: float, strong: float) -> float | None:

@@ -19,9 +19,11 @@ from c2c.evaluate import (
     main,
     read_records,
     run_eval,
+    table_from_records,
 )
 from c2c.methods import Answer, Method, ReceiverAlone
 from c2c.paths import REPO_ROOT, repo_path, repo_relative
+from c2c.routing import ROUTING_LABEL, route
 from conftest import make_fuser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -384,6 +386,52 @@ def test_identical_control_prompt_caches_and_paired_statistics(tmp_path, tiny_re
         load_eval_config(_control_config(tmp_path, tmp_path, comparisons=[["t2t_logits", "receiver_logits"]]))
     with pytest.raises(ValueError, match="per method for c2c only"):
         load_eval_config(_control_config(tmp_path, tmp_path, methods=[{"name": "receiver", "sharer": "tiny-receiver"}]))
+
+
+def test_the_table_rebuilt_from_records_equals_the_run_and_adds_the_routing_row(tmp_path, tiny_receiver,
+                                                                                tiny_sharer):
+    (receiver, _), (sharer, _) = tiny_receiver, tiny_sharer
+    make_fuser(receiver, sharer, seed=1, gate_logit=1.0).save_pretrained(tmp_path / "fuser")
+    make_fuser(receiver, receiver, seed=2, gate_logit=1.0).save_pretrained(tmp_path / "identical")
+    config = _control_config(tmp_path / "fuser", tmp_path / "identical", routing=True,
+                             comparisons=[["c2c_logits", "routing"], ["c2c_logits", "receiver_logits"]])
+    ran = run_eval(config, tmp_path / "out", progress=False)
+    # the routing row: c2c.routing on the receiver's and sharer's records, as a method of the table
+    assert [m["key"] for m in ran.methods][-1] == "routing" and ran.methods[-1]["label"] == ROUTING_LABEL
+    for bench in ("arc-challenge", "openbookqa"):
+        expected = route(ran.results[("receiver_logits", bench)].records, ran.results[("sharer_logits", bench)].records)
+        assert ran.results[("routing", bench)].records == expected
+    assert {(c["a"], c["b"]) for c in ran.comparisons()} == {("c2c_logits", "routing"), ("c2c_logits", "receiver_logits")}
+    assert "Routing" in (tmp_path / "out" / "main_table.md").read_text()
+    table = (tmp_path / "out" / "main_table.md").read_text()
+
+    # rebuilt from the records with no model loaded (the fusers are gone: run_eval would refuse to start)
+    for folder in ("fuser", "identical"):
+        for file in (tmp_path / folder).iterdir():
+            file.unlink()
+    rebuilt = table_from_records(config, tmp_path / "out", command=ran.command)
+    assert rebuilt.rows() == ran.rows() and rebuilt.comparisons() == ran.comparisons()
+    assert [m["label"] for m in rebuilt.methods] == [m["label"] for m in ran.methods]  # labels as the methods' own
+    assert (tmp_path / "out" / "main_table.md").read_text() == table
+    with pytest.raises(FileNotFoundError, match="fuser checkpoint"):
+        run_eval(config, tmp_path / "out", progress=False)
+
+    # a method with no records is a "-" row; records of part of the items, or under other code, are refused
+    (tmp_path / "out" / "eval" / "c2c_identical" / "openbookqa.jsonl").unlink()
+    partial = table_from_records(config, tmp_path / "out")
+    assert partial.rows()[3]["openbookqa"] is None and partial.rows()[3]["arc-challenge"] is not None
+    path = tmp_path / "out" / "eval" / "c2c_logits" / "arc-challenge.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]))
+    with pytest.raises(ValueError, match="1 of 9 items have no record yet"):
+        table_from_records(config, tmp_path / "out")
+    path.write_text("".join(lines))
+    meta = path.with_name("arc-challenge.meta.json")
+    meta.write_text(meta.read_text().replace(json.loads(meta.read_text())["fingerprints"]["code"], "0" * 16))
+    with pytest.raises(ValueError, match="different setup \\(code: recorded '0000000000000000'"):
+        table_from_records(config, tmp_path / "out")
+    with pytest.raises(ValueError, match="routing: true needs methods named receiver and sharer"):
+        load_eval_config({**config, "methods": ["receiver", "c2c"], "comparisons": []})
 
 
 def test_selecting_a_method_by_key_does_not_select_others_of_its_name(tmp_path, tiny_receiver, tiny_sharer):

@@ -5,7 +5,7 @@ import random
 import pytest
 from scipy import stats as scipy_stats
 
-from c2c.stats import binomial_two_sided_p, paired_comparison, pgr, wilson_interval
+from c2c.stats import binomial_two_sided_p, paired_by_id, paired_comparison, pgr, wilson_interval
 
 
 @pytest.mark.parametrize("k,n", [(0, 10), (3, 10), (10, 10), (51, 100), (290, 1172), (1, 1)])
@@ -46,3 +46,12 @@ def test_pgr_is_the_share_of_the_gap_recovered():
     assert pgr(0.3, 0.3, 0.3) is None
     # the paper's Table 9, C2C-C on ARC-C: (80.96 - 41.04) / (87.48 - 41.04) = 85.96%
     assert pgr(80.96, 41.04, 87.48) == pytest.approx(0.8596, abs=1e-4)
+
+
+def test_paired_by_id_compares_only_the_items_both_answered_in_the_first_order():
+    a = [{"id": "x", "correct": True}, {"id": "y", "correct": False}, {"id": "z", "correct": True}]
+    b = [{"id": "z", "correct": False}, {"id": "x", "correct": True}, {"id": "w", "correct": True}]
+    c = paired_by_id(a, b)
+    assert (c.n, c.a_only, c.b_only) == (2, 1, 0)  # x: both right; z: only a; y and w: one side only, left out
+    assert c == paired_comparison([True, True], [True, False])
+    assert paired_by_id(a, [{"id": "w", "correct": True}]) is None
