@@ -16,7 +16,9 @@ from c2c.paths import REPO_ROOT
 
 # the four systems of the paper: a short name and one colour each, the same in every figure
 METHODS = {"receiver": ("Receiver", "#8c8c8c"), "sharer": ("Sharer", "#4c72b0"), "t2t": ("T2T", "#55a868"),
-           "c2c": ("C2C", "#dd8452"), "routing": ("Routing", "#8172b3")}
+           "c2c": ("C2C", "#dd8452")}
+# rows of a main table derived from the methods' records (c2c.routing), not methods one runs
+TABLE_ROWS = {**METHODS, "routing": ("Routing", "#8172b3")}
 
 
 def style() -> None:
@@ -37,7 +39,7 @@ def method_labels(methods: list[dict]) -> list[str]:
     names = [m["name"] for m in methods]
     labels = []
     for m in methods:
-        short = METHODS[m["name"]][0] if m["name"] in METHODS else m["name"]
+        short = TABLE_ROWS[m["name"]][0] if m["name"] in TABLE_ROWS else m["name"]
         rest = m["key"].removeprefix(m["name"]).strip("_").replace("_", " ")
         labels.append(f"{short} {rest}" if names.count(m["name"]) > 1 and rest else short)
     if len(set(labels)) != len(labels):
@@ -51,8 +53,8 @@ def method_colours(methods: list[dict]) -> list:
     spare = iter(sns.color_palette("colorblind", 10)[4:] + sns.color_palette("dark", 10))
     colours, seen = [], set()
     for m in methods:
-        first = m["name"] in METHODS and m["name"] not in seen
-        colours.append(METHODS[m["name"]][1] if first else next(spare))
+        first = m["name"] in TABLE_ROWS and m["name"] not in seen
+        colours.append(TABLE_ROWS[m["name"]][1] if first else next(spare))
         seen.add(m["name"])
     return colours
 

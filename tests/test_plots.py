@@ -7,8 +7,8 @@ from itertools import product
 import pytest
 from matplotlib.colors import to_rgb
 
-from c2c.plots import (_VENN_CENTRES, _VENN_LABELS, METHODS, figure, grouped_bars, logit_limit, method_colours,
-                       method_labels, radar, save, venn3)
+from c2c.plots import (_VENN_CENTRES, _VENN_LABELS, METHODS, TABLE_ROWS, figure, grouped_bars, logit_limit,
+                       method_colours, method_labels, radar, save, venn3)
 
 
 def test_each_venn_label_lies_in_exactly_its_circles():
@@ -45,6 +45,9 @@ def test_method_labels_are_short_and_tell_same_named_methods_apart():
     assert to_rgb(colours[3]) not in [to_rgb(c) for c in colours[:3]]  # a second C2C run gets a colour of its own
     with pytest.raises(ValueError, match="duplicate labels"):
         method_labels([{"name": "c2c", "key": "c2c"}, {"name": "c2c", "key": "c2c_"}])
+    routed = methods + [{"name": "routing", "key": "routing"}]  # the table's derived row (c2c.routing)
+    assert method_labels(routed)[-1] == "Routing" and method_colours(routed)[-1] == TABLE_ROWS["routing"][1]
+    assert "routing" not in METHODS  # not a method one evaluates (notebook 00 runs every METHODS entry)
 
 
 def test_grouped_bars_error_bars_span_the_intervals():
