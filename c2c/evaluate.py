@@ -459,7 +459,7 @@ def load_eval_config(config: str | os.PathLike | dict) -> dict:
     if not isinstance(cfg["routing"], bool):
         raise ValueError(f"config key 'routing' must be true or false, got {cfg['routing']!r}")
     if cfg["routing"]:
-        names = {m["name"]: m for m in cfg["methods"]}
+        names = {m["name"]: m for m in reversed(cfg["methods"])}  # the first of each name, as the report routes
         if "receiver" not in names or "sharer" not in names or ROUTING_KEY in keys:
             raise ValueError(f"routing: true needs methods named receiver and sharer and no method keyed "
                              f"{ROUTING_KEY!r}; the config's methods: {keys}")
@@ -715,6 +715,19 @@ class EvalReport:
         """The key of the run's (first) method of this name, e.g. "receiver"."""
         return next((m["key"] for m in self.methods if m["name"] == name), None)
 
+    def add_routing(self) -> None:
+        """The derived routing row (c2c.routing) from the receiver's and sharer's results, where both ran."""
+        weak, strong = self._method_of("receiver"), self._method_of("sharer")
+        if weak is None or strong is None:
+            return
+        for b in self.benchmarks:
+            receiver, sharer = self.results.get((weak, b)), self.results.get((strong, b))
+            if receiver and sharer:
+                self.results[(ROUTING_KEY, b)] = BenchmarkResult(ROUTING_KEY, ROUTING_LABEL, b,
+                                                                 route(receiver.records, sharer.records),
+                                                                 receiver.dropped)
+        self.methods.append({"key": ROUTING_KEY, "name": ROUTING_KEY, "label": ROUTING_LABEL, "scoring": "logits"})
+
     def comparisons(self) -> list[dict]:
         """One row per configured pair (a, b) and benchmark: the paired comparison on the items both answered."""
         rows = []
@@ -961,16 +974,9 @@ def _benchmark_info(entry: dict) -> dict:
 
 def _write_report(cfg: dict, out: Path, results: dict, command: str) -> EvalReport:
     """The main table of these results (plus the derived routing row where the config asks), written to ``out``."""
-    methods = list(cfg["methods"])
-    by_name = {m["name"]: m["key"] for m in reversed(methods)}  # the first method of each name
-    if cfg["routing"] and {"receiver", "sharer"} <= set(by_name):
-        for b in cfg["benchmarks"]:
-            weak, strong = results.get((by_name["receiver"], b["name"])), results.get((by_name["sharer"], b["name"]))
-            if weak and strong:
-                results[(ROUTING_KEY, b["name"])] = BenchmarkResult(ROUTING_KEY, ROUTING_LABEL, b["name"],
-                                                                    route(weak.records, strong.records), weak.dropped)
-        methods.append({"key": ROUTING_KEY, "name": ROUTING_KEY, "label": ROUTING_LABEL, "scoring": "logits"})
-    report = EvalReport(cfg, out, methods, [b["name"] for b in cfg["benchmarks"]], results, command)
+    report = EvalReport(cfg, out, list(cfg["methods"]), [b["name"] for b in cfg["benchmarks"]], results, command)
+    if cfg["routing"]:
+        report.add_routing()
     report.write()
     print(f"wrote {out / 'main_table.md'} and {out / 'main_table.csv'}", flush=True)
     return report

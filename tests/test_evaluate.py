@@ -432,6 +432,12 @@ def test_the_table_rebuilt_from_records_equals_the_run_and_adds_the_routing_row(
         table_from_records(config, tmp_path / "out")
     with pytest.raises(ValueError, match="routing: true needs methods named receiver and sharer"):
         load_eval_config({**config, "methods": ["receiver", "c2c"], "comparisons": []})
+    # the receiver routed (and checked) is the first of its name, as the table's PGR reads it
+    two = [{"name": "receiver", "key": "r_logits"}, {"name": "receiver", "key": "r_generate", "scoring": "generate"},
+           "sharer"]
+    load_eval_config({**config, "methods": two, "comparisons": []})
+    with pytest.raises(ValueError, match="needs the receiver and sharer scored with scoring: logits"):
+        load_eval_config({**config, "methods": [two[1], two[0], "sharer"], "comparisons": []})
 
 
 def test_selecting_a_method_by_key_does_not_select_others_of_its_name(tmp_path, tiny_receiver, tiny_sharer):
