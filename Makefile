@@ -86,8 +86,10 @@ announce:
 	fi
 
 # One target per notebook (`make 03_train_fuser`), executed by papermill with its own parameters from the profile's
-# (STAGE_PARAMS/<notebook>.yaml, written by c2c/stages.py); a finished notebook is not redone unless it, its
-# parameters, the c2c sources, a config file its parameters name (NOTEBOOK_INPUTS) or a notebook it reads from changed.
+# (STAGE_PARAMS/<notebook>.yaml, written by c2c/config.py from params/<profile>.yaml and the stage graph
+# notebooks/stages.yaml); a finished notebook is not redone unless it, its parameters, the c2c sources, a config
+# file its parameters name or a stage it reads from changed (NOTEBOOK_INPUTS). SET overrides parameters with the
+# training CLI's syntax: `make 10_effective_rank PROFILE=small SET="--erank_limit=8"`.
 # papermill writes <name>.partial.ipynb, renamed when the notebook finished and removed when it failed or was
 # interrupted (its error is printed above), so an executed notebook in $(EXECUTED) always ran to the end.
 $(NOTEBOOKS): %: $(EXECUTED)/%.ipynb
@@ -100,26 +102,20 @@ $(EXECUTED)/%.ipynb: notebooks/%.ipynb $(STAGE_PARAMS)/%.yaml $(C2C_SOURCES) | a
 	  $(PY) -m papermill $< $(@:.ipynb=.partial.ipynb) -f $(STAGE_PARAMS)/$*.yaml --cwd notebooks --log-level ERROR && \
 	  mv $(@:.ipynb=.partial.ipynb) $@
 
-# written (as make reads this file, also under -n) whenever the profile's parameters or a notebook changed; each
-# notebook's parameter file is rewritten only when its own parameters changed
+# written (as make reads this file, also under -n) whenever the profile's parameters, SET, the stage graph or a
+# notebook changed; each notebook's parameter file is rewritten only when its own parameters changed
 NOTEBOOK_INPUTS := build/$(PROFILE)/notebook_inputs.mk
+# SET as last used: a changed SET rewrites the parameters
+SET_FILE := build/$(PROFILE)/set.txt
 ifneq ($(filter reproduce $(NOTEBOOKS) results/%,$(MAKECMDGOALS)),)
+  $(shell mkdir -p build/$(PROFILE) && { [ -f $(SET_FILE) ] && [ "$$(cat $(SET_FILE))" = '$(SET)' ] || echo '$(SET)' > $(SET_FILE); })
   include $(NOTEBOOK_INPUTS)
 endif
-WRITE_STAGES = $(PY) -m c2c.stages $(PARAMS) $(NOTEBOOK_INPUTS) $(EXECUTED) $(STAGE_PARAMS)
-$(NOTEBOOK_INPUTS): $(PARAMS) $(wildcard notebooks/*.ipynb) c2c/stages.py | $(STAMP)
+WRITE_STAGES = $(PY) -m c2c.config $(PARAMS) $(NOTEBOOK_INPUTS) $(EXECUTED) $(STAGE_PARAMS) $(SET)
+$(NOTEBOOK_INPUTS): $(PARAMS) $(SET_FILE) notebooks/stages.yaml $(wildcard notebooks/*.ipynb) c2c/config.py | $(STAMP)
 	$(WRITE_STAGES)
 $(STAGE_PARAMS)/%.yaml: | $(STAMP)  # only when one is missing
 	$(WRITE_STAGES)
-
-# notebooks that read what an earlier one wrote
-$(EXECUTED)/04_main_table.ipynb: $(EXECUTED)/03_train_fuser.ipynb
-$(EXECUTED)/00_quickstart.ipynb: $(EXECUTED)/03_train_fuser.ipynb  # the paper profile's quickstart_fuser is 03's
-# the analyses of issue 16: 04's evaluation (records, its fuser) and 03's training run
-$(addprefix $(EXECUTED)/,$(addsuffix .ipynb,10_effective_rank 11_phase_timing 12_answer_overlap 13_mmlu_subcategories \
-  14_fused_fraction 15_training_cost)): $(EXECUTED)/04_main_table.ipynb
-# the reproduction index is the last stage: it reads what every other notebook wrote
-$(EXECUTED)/99_paper_index.ipynb: $(patsubst %,$(EXECUTED)/%.ipynb,$(filter-out 99_paper_index,$(NOTEBOOKS)))
 
 # The rehearsal (c2c/rehearsal.py, configs/rehearsal.yaml): every notebook of the paper profile, its parameters and
 # configs derived from the paper's as they are now, on CPU with tiny random-weight stand-ins of the paper's models

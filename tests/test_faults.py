@@ -260,6 +260,25 @@ def test_make_redoes_a_notebook_whose_config_or_code_changed_and_the_notebooks_t
     assert redone("c2c/fuser.py") == set(notebooks)
 
 
+def test_make_set_overrides_the_parameters_of_the_notebooks_that_take_them(tmp_path):
+    """SET="--key=value" (the training CLI's override syntax) rewrites the parameter files of the notebooks that take
+    the key (which makes them stale, as the test above shows for an edit); an unknown key is refused; without SET
+    the profile's value is back."""
+    for folder in ("notebooks", "configs"):
+        shutil.copytree(ROOT / folder, tmp_path / folder)
+    params = tmp_path / "build" / "small" / "params"
+    assert make_in_copy(tmp_path, "-n", "reproduce", "PROFILE=small").returncode == 0
+    assert "erank_limit: 64" in (params / "10_effective_rank.yaml").read_text()
+    done = make_in_copy(tmp_path, "-n", "reproduce", "PROFILE=small", "SET=--erank_limit=8 --cost_limit=3")
+    assert done.returncode == 0, done.stderr
+    assert "erank_limit: 8" in (params / "10_effective_rank.yaml").read_text()
+    assert "cost_limit: 3" in (params / "15_training_cost.yaml").read_text()
+    done = make_in_copy(tmp_path, "-n", "reproduce", "PROFILE=small", "SET=--erank_limt=8")
+    assert done.returncode != 0 and "override --erank_limt: no notebook takes" in done.stderr
+    assert make_in_copy(tmp_path, "-n", "reproduce", "PROFILE=small").returncode == 0
+    assert "erank_limit: 64" in (params / "10_effective_rank.yaml").read_text()
+
+
 # ----------------------------------------------------------------------------------- 3. folder locks
 
 
