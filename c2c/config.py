@@ -136,15 +136,17 @@ def stage_graph(notebooks: list[str], root: Path) -> dict[str, tuple[str, ...]]:
             raise ValueError(f"{STAGES_FILE}: stage {name} runs after {unknown or name!r}, not another stage; "
                              f"the stages are {notebooks}")
         upstreams[name] = tuple(after)
-    for name in upstreams:  # depth-first: a stage met again on its own path is a cycle
-        path_, todo = [], [(name, 0)]
-        while todo:
-            current, depth = todo.pop()
-            del path_[depth:]
-            if current in path_:
-                raise ValueError(f"{STAGES_FILE}: the stages form a cycle: {' -> '.join(path_ + [current])}")
-            path_.append(current)
-            todo += [(n, depth + 1) for n in upstreams[current]]
+    checked: set[str] = set()
+
+    def visit(name: str, trail: list[str]) -> None:  # depth-first: a stage met again on its own trail is a cycle
+        if name in trail:
+            raise ValueError(f"{STAGES_FILE}: the stages form a cycle: {' -> '.join(trail[trail.index(name):] + [name])}")
+        if name not in checked:
+            for upstream in upstreams[name]:
+                visit(upstream, trail + [name])
+            checked.add(name)
+    for name in upstreams:
+        visit(name, [])
     return upstreams
 
 
