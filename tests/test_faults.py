@@ -542,19 +542,19 @@ def test_a_fuser_trained_with_other_model_names_warns(tmp_path, tiny_receiver, t
 
 
 def write_notebook(path: Path, code: str) -> None:
+    """Replace the notebook's body with `code`, keeping its parameters cell (the profile sets those parameters)."""
     import nbformat
 
-    notebook = nbformat.v4.new_notebook()
-    notebook.cells = [nbformat.v4.new_code_cell("profile = None", metadata={"tags": ["parameters"]}),
-                      nbformat.v4.new_code_cell(code)]
-    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    path.parent.mkdir(parents=True, exist_ok=True)
+    notebook = nbformat.read(path, as_version=4)
+    notebook.cells = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])] + \
+                     [nbformat.v4.new_code_cell(code)]
     nbformat.write(notebook, path)
 
 
 def test_a_single_notebook_target_checks_the_profile_and_leaves_no_partial_notebook(tmp_path):
     done = make_in_copy(tmp_path, "03_train_fuser", "PROFILE=foo")
     assert done.returncode != 0 and "unknown PROFILE='foo'" in done.stderr
+    shutil.copytree(ROOT / "notebooks", tmp_path / "notebooks")
     write_notebook(tmp_path / "notebooks" / "01_oracle_cache_enrichment.ipynb", "raise RuntimeError('boom')")
     if not shutil.which("nvidia-smi"):  # the paper profile's own checks run first (here: no GPU)
         done = make_in_copy(tmp_path, "01_oracle_cache_enrichment", "PROFILE=paper")
