@@ -27,7 +27,7 @@ Everything the evaluation needs to know about a benchmark lives here (reading fi
   Dropped items are never silent: the returned list carries ``.dropped`` (reason -> count).
   A malformed record (missing field, bad gold) raises ValueError naming the field and file.
 * ``mc_prompt`` (the zero-shot user message), ``extract_answer`` (the regex cascade),
-  ``t2t_sharer_prompt`` / ``t2t_receiver_messages`` (the text-to-text baseline).
+  ``t2t_sharer_prompt`` / ``t2t_receiver_messages`` (the text-to-text baseline, in one of ``T2T_PROTOCOLS``).
 * ``write_tiny_fixtures`` writes small files in each benchmark's exact hub schema (tests, demos).
 """
 
@@ -112,33 +112,51 @@ def _options_block(item: MCItem) -> str:
     return "\n".join(f"{letter}. {text}" for letter, text in zip(item.letters, item.options))
 
 
-def mc_prompt(item: MCItem) -> str:
-    """The zero-shot user message: question, lettered options, and the required reply form."""
+def mc_prompt(item: MCItem, background: str | None = None) -> str:
+    """The zero-shot user message: question, lettered options, and the required reply form; T2T's receiver
+    (protocol "sentence") gets the sharer's background joined to the question."""
     letters = ", ".join(item.letters)
+    question = f"Question: {item.question}" if background is None else \
+        f"Question: {item.question}\nBackground from another model: {background.strip()}"
     return (
         "Answer the following multiple-choice question accurately.\n\n"
-        f"Question: {item.question}\n\n"
+        f"{question}\n\n"
         f"Options:\n{_options_block(item)}\n\n"
         f'Reply only in the form "The correct answer is X", where X is one of {letters}.'
     )
 
 
-def t2t_sharer_prompt(item: MCItem) -> str:
+# How T2T's sharer is asked and how its text reaches the receiver. "sentence" (the paper's v2 protocol, the
+# default): one sentence of the most essential background, answering forbidden, joined to the question in the
+# receiver's one-turn prompt. "chat" (the reference code's): a paragraph of background; the receiver's chat
+# holds that request, the sharer's text as an assistant turn, then the multiple-choice prompt.
+T2T_PROTOCOLS = ("sentence", "chat")
+
+
+def check_t2t_protocol(protocol: str) -> str:
+    if protocol not in T2T_PROTOCOLS:
+        raise ValueError(f"unknown T2T protocol {protocol!r}; one of {T2T_PROTOCOLS} (sentence: the paper's v2)")
+    return protocol
+
+
+def t2t_sharer_prompt(item: MCItem, protocol: str = "sentence") -> str:
     """T2T: what the sharer is asked. The options are withheld; only the question is shown."""
-    return (
-        "Briefly describe the background knowledge that is most useful to solve the "
-        "following question.\n\n"
-        f"Question: {item.question}"
-    )
+    if check_t2t_protocol(protocol) == "chat":
+        return ("Briefly describe the background knowledge that is most useful to solve the "
+                f"following question.\n\nQuestion: {item.question}")
+    return ("State, in one clear sentence, the most essential background knowledge needed for the question "
+            "below. Do not solve the question and do not give or hint at an answer.\n\n"
+            f"Question: {item.question}")
 
 
-def t2t_receiver_messages(item: MCItem, sharer_text: str) -> list[dict[str, str]]:
-    """T2T: the receiver's chat: the sharer's request, its reply, then the full MC prompt."""
-    return [
-        {"role": "user", "content": t2t_sharer_prompt(item)},
-        {"role": "assistant", "content": sharer_text},
-        {"role": "user", "content": mc_prompt(item)},
-    ]
+def t2t_receiver_messages(item: MCItem, sharer_text: str, protocol: str = "sentence") -> list[dict[str, str]]:
+    """T2T: the receiver's chat ("sentence": one turn, the background joined to the question; "chat": the
+    sharer's request, its reply as an assistant turn, then the multiple-choice prompt)."""
+    if check_t2t_protocol(protocol) == "chat":
+        return [{"role": "user", "content": t2t_sharer_prompt(item, protocol)},
+                {"role": "assistant", "content": sharer_text},
+                {"role": "user", "content": mc_prompt(item)}]
+    return [{"role": "user", "content": mc_prompt(item, background=sharer_text)}]
 
 
 # --------------------------------------------------------------------------- answer extraction

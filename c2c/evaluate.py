@@ -32,7 +32,7 @@ you built yourself, ``evaluate(method, items, folder)``.
 
 Config keys (YAML): see ``DEFAULTS``. ``methods``: a list of names (receiver, sharer, t2t, c2c) or
 mappings ``{name, key, label, scoring, max_new_tokens, assistant_prefix, sharer_max_new_tokens,
-batch_size}``. ``benchmarks``: a list of names or mappings ``{name, source, split, limit,
+t2t_protocol, batch_size}``. ``benchmarks``: a list of names or mappings ``{name, source, split, limit,
 subjects}``; ``source`` (``c2c.benchmarks.resolve_source``): omitted/null = the Hugging Face hub,
 ``tiny-fixtures`` = the tiny files (written into ``<out>/eval/fixtures``), ``offline`` / ``offline:<key>`` =
 the offline copies (``c2c.offline.offline_benchmark_path``), else a local file or folder. Models:
@@ -65,7 +65,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from c2c.align import ALIGNMENT_STRATEGIES
-from c2c.benchmarks import MCItem, get_benchmark, load_benchmark, mc_prompt, resolve_source
+from c2c.benchmarks import MCItem, check_t2t_protocol, get_benchmark, load_benchmark, mc_prompt, resolve_source
 from c2c.checkpoint import PUBLISHED_CONFIG_NAME, load_fuser
 from c2c.fingerprint import code_version
 from c2c.fuser import CONFIG_NAME, FuserConfig, random_fuser
@@ -120,6 +120,7 @@ DEFAULTS: dict[str, Any] = {
     "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
     "assistant_prefix": DEFAULT_ASSISTANT_PREFIX,  # logits mode only
     "sharer_max_new_tokens": DEFAULT_T2T_MAX_NEW_TOKENS,  # T2T's background text
+    "t2t_protocol": "sentence",  # c2c.benchmarks.T2T_PROTOCOLS: sentence (the paper's v2) or chat (the reference code's)
     "batch_size": 8,
     "static_cache": "auto",  # generate scoring: decode with a static cache (auto = on CUDA only), or true / false
     "limit": None,  # default per benchmark: at most this many items (round-robin over subjects)
@@ -138,7 +139,7 @@ DEFAULTS: dict[str, Any] = {
 # "sharer" and "fuser" (C2C only) override the config's for one method, e.g. the Identical control:
 # {name: c2c, key: c2c_identical, sharer: <the receiver>, fuser: {checkpoint: <its fuser>}}
 METHOD_KEYS = {"name", "key", "label", "scoring", "max_new_tokens", "assistant_prefix",
-               "sharer_max_new_tokens", "batch_size", "sharer", "fuser"}
+               "sharer_max_new_tokens", "t2t_protocol", "batch_size", "sharer", "fuser"}
 BENCHMARK_KEYS = {"name", "source", "split", "limit", "subjects"}
 STATIC_CACHE = {"auto": None, True: True, False: False}  # config value -> Method(static_cache=...)
 ROUTING_KEY = "routing"  # the derived routing baseline's key in the table and in comparisons
@@ -440,6 +441,7 @@ def load_eval_config(config: str | os.PathLike | dict) -> dict:
     cfg = {**DEFAULTS, **raw}
     cfg["name"] = cfg["name"] or "eval"
     _check_values(cfg, "")
+    check_t2t_protocol(cfg["t2t_protocol"])
     _check_settings(cfg)
     if cfg["scoring"] not in SCORING_MODES:
         raise ValueError(f"scoring must be one of {SCORING_MODES}, got {cfg['scoring']!r}")
@@ -553,6 +555,7 @@ def _method_entry(entry, cfg: dict) -> dict:
         out[k] = entry.get(k, cfg[k])
     if name == "t2t":
         out["sharer_max_new_tokens"] = entry.get("sharer_max_new_tokens", cfg["sharer_max_new_tokens"])
+        out["t2t_protocol"] = check_t2t_protocol(entry.get("t2t_protocol", cfg["t2t_protocol"]))
     if out["scoring"] not in SCORING_MODES:
         raise ValueError(f"method {name}: scoring must be one of {SCORING_MODES}, got {out['scoring']!r}")
     out["key"] = entry.get("key") or f"{name}_{out['scoring']}"
@@ -660,7 +663,8 @@ def build_method(entry: dict, cfg: dict, models: _Models) -> Method:
         return SharerAlone(*models.get(cfg["sharer"]), model_name=cfg["sharer"], **options)
     if name == "t2t":
         return TextToText(*models.get(cfg["receiver"]), *models.get(cfg["sharer"]),
-                          sharer_max_new_tokens=entry["sharer_max_new_tokens"], receiver_name=cfg["receiver"],
+                          sharer_max_new_tokens=entry["sharer_max_new_tokens"], protocol=entry["t2t_protocol"],
+                          receiver_name=cfg["receiver"],
                           sharer_name=cfg["sharer"], **options)
     if name == "c2c":
         sources = {"receiver": cfg["receiver"], "sharer": entry["sharer"]}
@@ -788,7 +792,7 @@ class EvalReport:
         for m, row in zip(self.methods, rows):
             scoring = m["scoring"] + (f", {m['max_new_tokens']} tokens" if m["scoring"] == "generate" else "")
             if m["name"] == "t2t":
-                scoring += f"; sharer text <= {m['sharer_max_new_tokens']} tokens"
+                scoring += f"; sharer text ({m['t2t_protocol']}) <= {m['sharer_max_new_tokens']} tokens"
             lines.append(f"| {m['label']} | {scoring} | " + " | ".join(cell(row, b) for b in self.benchmarks)
                          + f" | {fmt(row['average'])} |")
         labels = {m["key"]: m["label"] for m in self.methods}

@@ -4,8 +4,9 @@ Every method answers a list of ``MCItem`` in batches and returns one ``Answer`` 
 
 * ``ReceiverAlone`` / ``SharerAlone``: one model answers the zero-shot prompt (``mc_prompt``);
 * ``TextToText`` (T2T): the sharer first writes background for ``t2t_sharer_prompt`` (greedy, up
-  to ``sharer_max_new_tokens``, the paper's 1024), then the receiver answers
-  ``t2t_receiver_messages`` (that request, the sharer's text as an assistant turn, the MC prompt);
+  to ``sharer_max_new_tokens``, the paper's 256), then the receiver answers ``t2t_receiver_messages``
+  (protocol "sentence", the paper's v2: one sentence joined to the question; "chat": the reference code's
+  chat with the sharer's text as an assistant turn before the MC prompt);
 * ``C2C``: the receiver answers from its cache fused with the sharer's (a ``C2CModel``).
 
 All prompts are one user turn rendered with the model's chat template, thinking disabled
@@ -53,6 +54,7 @@ from c2c.benchmarks import (
     MCItem,
     extract_answer,
     mc_prompt,
+    check_t2t_protocol,
     t2t_receiver_messages,
     t2t_sharer_prompt,
 )
@@ -64,7 +66,7 @@ from c2c.fused import (C2CModel, FusedInputs, check_context, collate, generate_f
 SCORING_MODES = ("generate", "logits")
 DEFAULT_ASSISTANT_PREFIX = "The correct answer is"
 DEFAULT_MAX_NEW_TOKENS = 64  # the paper's
-DEFAULT_T2T_MAX_NEW_TOKENS = 1024  # the paper's cap on the sharer's background text
+DEFAULT_T2T_MAX_NEW_TOKENS = 256  # the paper's (v2) cap on the sharer's background text
 NON_FINITE_HINT = ("the model's weights may be damaged (a corrupt model.safetensors in its folder: delete that "
                    "folder and fetch or rebuild it) or the dtype overflows (try dtype float32)")
 
@@ -376,18 +378,20 @@ class SharerAlone(ReceiverAlone):
 
 
 class TextToText(Method):
-    """T2T: the sharer writes background (options withheld), the receiver answers after reading it."""
+    """T2T: the sharer writes background (options withheld), the receiver answers after reading it
+    (``protocol``: one of ``c2c.benchmarks.T2T_PROTOCOLS``)."""
 
     name = "t2t"
 
     def __init__(self, receiver, receiver_tokenizer, sharer, sharer_tokenizer, *,
-                 sharer_max_new_tokens: int = DEFAULT_T2T_MAX_NEW_TOKENS, receiver_name: str | None = None,
-                 sharer_name: str | None = None, **options):
+                 sharer_max_new_tokens: int = DEFAULT_T2T_MAX_NEW_TOKENS, protocol: str = "sentence",
+                 receiver_name: str | None = None, sharer_name: str | None = None, **options):
         if not isinstance(sharer_max_new_tokens, int) or sharer_max_new_tokens < 1:
             raise ValueError(f"sharer_max_new_tokens must be a positive int, got {sharer_max_new_tokens!r}")
         self.receiver, self.receiver_tokenizer = receiver, receiver_tokenizer
         self.sharer, self.sharer_tokenizer = sharer, sharer_tokenizer
         self.sharer_max_new_tokens = sharer_max_new_tokens
+        self.protocol = check_t2t_protocol(protocol)
         self.receiver_name = receiver_name or _model_name(receiver)
         self.sharer_name = sharer_name or _model_name(sharer)
         super().__init__(**options)
@@ -397,7 +401,7 @@ class TextToText(Method):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "receiver": self.receiver_name, "sharer": self.sharer_name,
-                "sharer_max_new_tokens": self.sharer_max_new_tokens}
+                "sharer_max_new_tokens": self.sharer_max_new_tokens, "protocol": self.protocol}
 
     def fingerprints(self) -> dict[str, Any]:
         return {"receiver": model_fingerprint(self.receiver),
@@ -407,7 +411,7 @@ class TextToText(Method):
 
     def sharer_texts(self, items: list[MCItem]) -> tuple[list[str], list[int]]:
         """The sharer's background texts (greedy) and their lengths in sharer tokens."""
-        rows = [render_ids(self.sharer_tokenizer, [{"role": "user", "content": t2t_sharer_prompt(i)}])
+        rows = [render_ids(self.sharer_tokenizer, [{"role": "user", "content": t2t_sharer_prompt(i, self.protocol)}])
                 for i in items]
         check_context(self.sharer.config, max(map(len, rows)), self.sharer_max_new_tokens,
                       "the sharer (T2T background)")
@@ -423,7 +427,7 @@ class TextToText(Method):
         texts, counts = self.sharer_texts(items)
         extras = [{"sharer_text": t, "sharer_tokens": n, "sharer_truncated": n >= self.sharer_max_new_tokens}
                   for t, n in zip(texts, counts)]
-        chats = [t2t_receiver_messages(item, text) for item, text in zip(items, texts)]
+        chats = [t2t_receiver_messages(item, text, self.protocol) for item, text in zip(items, texts)]
         return self._answer_with(self.receiver, self.receiver_tokenizer, items, chats, extras,
                                  who="the receiver (T2T answer)")
 

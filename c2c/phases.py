@@ -121,16 +121,19 @@ def _fused(method: C2C, item: MCItem, max_new_tokens: int) -> tuple[dict, dict]:
     return sharer, receiver
 
 
-def item_phases(method: C2C, item: MCItem, *, max_new_tokens: int, sharer_max_new_tokens: int) -> list[dict]:
-    """One row per (method, stage) for one item: method, stage, input/output tokens, prefill/decode/fusion ms."""
+def item_phases(method: C2C, item: MCItem, *, max_new_tokens: int, sharer_max_new_tokens: int,
+                t2t_protocol: str = "sentence") -> list[dict]:
+    """One row per (method, stage) for one item: method, stage, input/output tokens, prefill/decode/fusion ms
+    (T2T in ``t2t_protocol``, one of ``c2c.benchmarks.T2T_PROTOCOLS``)."""
     m = method.model
     receiver, r_tok, sharer, s_tok = m.receiver, m.receiver_tokenizer, m.sharers[0], m.sharer_tokenizers[0]
     chat = chat_messages(item)
-    background = _single(sharer, s_tok, [{"role": "user", "content": t2t_sharer_prompt(item)}], sharer_max_new_tokens)
+    background = _single(sharer, s_tok, [{"role": "user", "content": t2t_sharer_prompt(item, t2t_protocol)}],
+                         sharer_max_new_tokens)
     stages = [("receiver", "receiver", _single(receiver, r_tok, chat, max_new_tokens)),
               ("sharer", "sharer", _single(sharer, s_tok, chat, max_new_tokens)),
               ("t2t", "sharer", background),
-              ("t2t", "receiver", _single(receiver, r_tok, t2t_receiver_messages(item, background["text"]),
+              ("t2t", "receiver", _single(receiver, r_tok, t2t_receiver_messages(item, background["text"], t2t_protocol),
                                           max_new_tokens))]
     c2c_sharer, c2c_receiver = _fused(method, item, max_new_tokens)
     stages += [("c2c", "sharer", c2c_sharer), ("c2c", "receiver", c2c_receiver)]
@@ -144,7 +147,7 @@ def item_phases(method: C2C, item: MCItem, *, max_new_tokens: int, sharer_max_ne
 
 @torch.no_grad()
 def phase_timing(method: C2C, items: Sequence[MCItem], *, max_new_tokens: int = 64, sharer_max_new_tokens: int = 256,
-                 warmup: int = 1) -> list[dict]:
+                 t2t_protocol: str = "sentence", warmup: int = 1) -> list[dict]:
     """``item_phases`` of every item (after ``warmup`` untimed items, the first ones repeated)."""
     items = list(items)
     if not items:
@@ -155,7 +158,8 @@ def phase_timing(method: C2C, items: Sequence[MCItem], *, max_new_tokens: int = 
     if any(getattr(model, PREFIX_STORE_ATTRIBUTE, None) is not None for model in (m.receiver, *m.sharers)):
         raise ValueError("a model of this C2C method reads its prompt caches from disk (prefix_cache): build the "
                          "method with prefix_cache=False to time its prefill")
-    options = {"max_new_tokens": max_new_tokens, "sharer_max_new_tokens": sharer_max_new_tokens}
+    options = {"max_new_tokens": max_new_tokens, "sharer_max_new_tokens": sharer_max_new_tokens,
+               "t2t_protocol": t2t_protocol}
     for i in range(warmup):
         item_phases(method, items[i % len(items)], **options)
     return [row for item in items for row in item_phases(method, item, **options)]

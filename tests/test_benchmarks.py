@@ -355,16 +355,27 @@ def test_mc_prompt():
     assert "E. argon" in mc_prompt(_item(5)) and "A, B, C, D, E." in mc_prompt(_item(5))
 
 
-def test_t2t_prompts():
+def test_t2t_prompts_of_both_protocols():
     item = _item()
+    sentence = "Plants take in CO2 for photosynthesis."
+    # the paper's v2 (default): one sentence, answering forbidden, joined to the question of one user turn
     s = t2t_sharer_prompt(item)
-    assert "background" in s and item.question in s
+    assert "one clear sentence" in s and "Do not solve" in s and item.question in s
     assert not any(opt in s for opt in item.options)  # options withheld
-    msgs = t2t_receiver_messages(item, "Plants take in CO2 for photosynthesis.")
+    msgs = t2t_receiver_messages(item, sentence + "\n")
+    assert [m["role"] for m in msgs] == ["user"]
+    assert msgs[0]["content"] == mc_prompt(item, background=sentence)
+    assert f"Question: {item.question}\nBackground from another model: {sentence}\n\nOptions:" in msgs[0]["content"]
+    assert mc_prompt(item, background=sentence).replace(f"\nBackground from another model: {sentence}", "") == \
+        mc_prompt(item)
+    # the reference code's: a paragraph of background, the sharer's text as an assistant turn
+    s = t2t_sharer_prompt(item, "chat")
+    assert "background" in s and item.question in s and not any(opt in s for opt in item.options)
+    msgs = t2t_receiver_messages(item, sentence, "chat")
     assert [m["role"] for m in msgs] == ["user", "assistant", "user"]
-    assert msgs[0]["content"] == s
-    assert msgs[1]["content"] == "Plants take in CO2 for photosynthesis."
-    assert msgs[2]["content"] == mc_prompt(item)
+    assert [m["content"] for m in msgs] == [s, sentence, mc_prompt(item)]
+    with pytest.raises(ValueError, match="unknown T2T protocol 'v3'.*sentence"):
+        t2t_sharer_prompt(item, "v3")
 
 
 def test_option_letters():

@@ -325,7 +325,7 @@ def test_shipped_configs_are_valid(path):
         assert cfg["fuser"]["checkpoint"].endswith("qwen3_0.6b+qwen2.5_0.5b_Fuser/final")
         assert [b["name"] for b in cfg["benchmarks"]] == BENCHMARKS and all(b["source"] is None for b in cfg["benchmarks"])
         assert {m["name"] for m in cfg["methods"]} == {"receiver", "sharer", "t2t", "c2c"}
-        assert (cfg["max_new_tokens"], cfg["sharer_max_new_tokens"]) == (64, 1024)
+        assert (cfg["max_new_tokens"], cfg["sharer_max_new_tokens"], cfg["t2t_protocol"]) == (64, 256, "sentence")  # v2
 
 
 # ------------------------------------------------------------------------------------ controls, prompt caches, statistics

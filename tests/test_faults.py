@@ -504,6 +504,8 @@ def test_resume_falls_back_to_the_last_good_checkpoint_with_a_warning(tmp_path, 
     ("alignment", "", r"config key 'alignment' must be one of \['first', 'longest'\] or null, got ''"),
     ("methods", [{"name": "receiver", "batch_size": True}],
      r"config key methods\[receiver\]\.'batch_size' must be a positive integer, got True"),
+    ("t2t_protocol", "v3", r"unknown T2T protocol 'v3'; one of \('sentence', 'chat'\)"),
+    ("methods", [{"name": "t2t", "t2t_protocol": "turns"}], r"unknown T2T protocol 'turns'"),
 ])
 def test_eval_config_types_are_checked_before_any_model_loads(tmp_path, monkeypatch, key, value, message):
     no_model_may_load(monkeypatch)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from c2c.benchmarks import extract_answer, load_benchmark, mc_prompt, t2t_receiver_messages, write_tiny_fixtures
+from c2c.benchmarks import (T2T_PROTOCOLS, extract_answer, load_benchmark, mc_prompt, t2t_receiver_messages,
+                            write_tiny_fixtures)
 from c2c.checkpoint import load_fuser
 import c2c.fused
 from c2c.fused import C2CModel, to_static_cache
@@ -129,12 +130,14 @@ def test_logits_mode_matches_a_manual_forward(items, tiny_receiver, tiny_sharer)
                    [_manual_scores(r, rt, chat(i), i) for i in items])
     _check_against(SharerAlone(s, st, scoring="logits").answer(items, 5),
                    [_manual_scores(s, st, chat(i), i) for i in items])
-    t2t = TextToText(r, rt, s, st, scoring="logits", sharer_max_new_tokens=5)
-    answers = t2t.answer(items, 5)
-    _check_against(answers, [_manual_scores(r, rt, t2t_receiver_messages(i, a.extra["sharer_text"]), i)
-                             for i, a in zip(items, answers)])
-    letters = {a.letter for a in answers}
-    assert len(letters) >= 1
+    for protocol in T2T_PROTOCOLS:  # the receiver reads exactly the chat of its protocol, with the sharer's text
+        t2t = TextToText(r, rt, s, st, scoring="logits", sharer_max_new_tokens=5, protocol=protocol)
+        assert t2t.describe()["protocol"] == protocol
+        answers = t2t.answer(items, 5)
+        _check_against(answers, [_manual_scores(r, rt, t2t_receiver_messages(i, a.extra["sharer_text"], protocol), i)
+                                 for i, a in zip(items, answers)])
+    with pytest.raises(ValueError, match="unknown T2T protocol"):
+        TextToText(r, rt, s, st, protocol="v3")
 
 
 def test_c2c_logits_score_the_token_right_after_the_fused_prefix(items, tiny_receiver, tiny_sharer):
