@@ -131,6 +131,7 @@ def mc_prompt(item: MCItem, background: str | None = None) -> str:
 # receiver's one-turn prompt. "chat" (the reference code's): a paragraph of background; the receiver's chat
 # holds that request, the sharer's text as an assistant turn, then the multiple-choice prompt.
 T2T_PROTOCOLS = ("sentence", "chat")
+DEFAULT_T2T_PROTOCOL = "sentence"
 
 
 def check_t2t_protocol(protocol: str) -> str:
@@ -139,7 +140,7 @@ def check_t2t_protocol(protocol: str) -> str:
     return protocol
 
 
-def t2t_sharer_prompt(item: MCItem, protocol: str = "sentence") -> str:
+def t2t_sharer_prompt(item: MCItem, protocol: str = DEFAULT_T2T_PROTOCOL) -> str:
     """T2T: what the sharer is asked. The options are withheld; only the question is shown."""
     if check_t2t_protocol(protocol) == "chat":
         return ("Briefly describe the background knowledge that is most useful to solve the "
@@ -149,7 +150,8 @@ def t2t_sharer_prompt(item: MCItem, protocol: str = "sentence") -> str:
             f"Question: {item.question}")
 
 
-def t2t_receiver_messages(item: MCItem, sharer_text: str, protocol: str = "sentence") -> list[dict[str, str]]:
+def t2t_receiver_messages(item: MCItem, sharer_text: str,
+                          protocol: str = DEFAULT_T2T_PROTOCOL) -> list[dict[str, str]]:
     """T2T: the receiver's chat ("sentence": one turn, the background joined to the question; "chat": the
     sharer's request, its reply as an assistant turn, then the multiple-choice prompt)."""
     if check_t2t_protocol(protocol) == "chat":

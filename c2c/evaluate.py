@@ -65,7 +65,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from c2c.align import ALIGNMENT_STRATEGIES
-from c2c.benchmarks import MCItem, check_t2t_protocol, get_benchmark, load_benchmark, mc_prompt, resolve_source
+from c2c.benchmarks import DEFAULT_T2T_PROTOCOL, MCItem, check_t2t_protocol, get_benchmark, load_benchmark, mc_prompt, resolve_source
 from c2c.checkpoint import PUBLISHED_CONFIG_NAME, load_fuser
 from c2c.fingerprint import code_version
 from c2c.fuser import CONFIG_NAME, FuserConfig, random_fuser
@@ -120,7 +120,7 @@ DEFAULTS: dict[str, Any] = {
     "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
     "assistant_prefix": DEFAULT_ASSISTANT_PREFIX,  # logits mode only
     "sharer_max_new_tokens": DEFAULT_T2T_MAX_NEW_TOKENS,  # T2T's background text
-    "t2t_protocol": "sentence",  # c2c.benchmarks.T2T_PROTOCOLS: sentence (the paper's v2) or chat (the reference code's)
+    "t2t_protocol": DEFAULT_T2T_PROTOCOL,  # c2c.benchmarks.T2T_PROTOCOLS: sentence (the paper's v2) or chat (the reference code's)
     "batch_size": 8,
     "static_cache": "auto",  # generate scoring: decode with a static cache (auto = on CUDA only), or true / false
     "limit": None,  # default per benchmark: at most this many items (round-robin over subjects)

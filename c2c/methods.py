@@ -50,6 +50,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from c2c.align import DEFAULT_ALIGNMENT
 from c2c.benchmarks import (
+    DEFAULT_T2T_PROTOCOL,
     LETTERS,
     MCItem,
     extract_answer,
@@ -384,7 +385,7 @@ class TextToText(Method):
     name = "t2t"
 
     def __init__(self, receiver, receiver_tokenizer, sharer, sharer_tokenizer, *,
-                 sharer_max_new_tokens: int = DEFAULT_T2T_MAX_NEW_TOKENS, protocol: str = "sentence",
+                 sharer_max_new_tokens: int = DEFAULT_T2T_MAX_NEW_TOKENS, protocol: str = DEFAULT_T2T_PROTOCOL,
                  receiver_name: str | None = None, sharer_name: str | None = None, **options):
         if not isinstance(sharer_max_new_tokens, int) or sharer_max_new_tokens < 1:
             raise ValueError(f"sharer_max_new_tokens must be a positive int, got {sharer_max_new_tokens!r}")

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from c2c.benchmarks import MCItem, t2t_receiver_messages, t2t_sharer_prompt
+from c2c.benchmarks import DEFAULT_T2T_PROTOCOL, MCItem, t2t_receiver_messages, t2t_sharer_prompt
 from c2c.fused import PREFIX_STORE_ATTRIBUTE, generate_from_prefix, left_pad, pad_token_id, prefix_cache
 from c2c.methods import C2C, _check_decoding, _decode_new, _eos_ids, _greedy_kwargs, chat_messages, render_ids
 
@@ -122,7 +122,7 @@ def _fused(method: C2C, item: MCItem, max_new_tokens: int) -> tuple[dict, dict]:
 
 
 def item_phases(method: C2C, item: MCItem, *, max_new_tokens: int, sharer_max_new_tokens: int,
-                t2t_protocol: str = "sentence") -> list[dict]:
+                t2t_protocol: str = DEFAULT_T2T_PROTOCOL) -> list[dict]:
     """One row per (method, stage) for one item: method, stage, input/output tokens, prefill/decode/fusion ms
     (T2T in ``t2t_protocol``, one of ``c2c.benchmarks.T2T_PROTOCOLS``)."""
     m = method.model
@@ -147,7 +147,7 @@ def item_phases(method: C2C, item: MCItem, *, max_new_tokens: int, sharer_max_ne
 
 @torch.no_grad()
 def phase_timing(method: C2C, items: Sequence[MCItem], *, max_new_tokens: int = 64, sharer_max_new_tokens: int = 256,
-                 t2t_protocol: str = "sentence", warmup: int = 1) -> list[dict]:
+                 t2t_protocol: str = DEFAULT_T2T_PROTOCOL, warmup: int = 1) -> list[dict]:
     """``item_phases`` of every item (after ``warmup`` untimed items, the first ones repeated)."""
     items = list(items)
     if not items:
