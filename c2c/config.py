@@ -59,16 +59,10 @@ class Stage:
 
 @dataclass(frozen=True)
 class Profile:
-    """A profile's stages, in the order of their names; its output folders derive from its name."""
+    """A profile's stages, in the order of their names (its output folders, ``{runs}`` etc., are ``expand``'s)."""
 
     name: str
     stages: dict[str, Stage]
-
-    def folder(self, kind: str) -> str:
-        """runs/<profile>, results/<profile> or figures/<profile> (repository-relative)."""
-        if kind not in OUTPUT_FOLDERS:
-            raise ValueError(f"unknown output folder {kind!r}; one of {OUTPUT_FOLDERS}")
-        return f"{kind}/{self.name}"
 
     def downstream(self, name: str) -> set[str]:
         """The stages that read `name`'s results, directly or through others (they re-run after it)."""

@@ -43,7 +43,6 @@ def test_each_stage_gets_only_its_parameters_with_the_profiles_paths(repo):
     assert train.configs == ("configs/t.yaml",) and evaluate.configs == ("configs/t.yaml",) and index.configs == ()
     assert (train.after, evaluate.after, index.after) == ((), ("03_train",), ("03_train", "04_eval"))
     assert profile.downstream("03_train") == {"04_eval", "99_index"} and profile.downstream("99_index") == set()
-    assert profile.folder("runs") == "runs/demo"
 
 
 def test_overrides_replace_a_parameter_and_an_unknown_one_is_refused(repo):
