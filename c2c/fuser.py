@@ -13,7 +13,9 @@ FuserConfig, with "format": "c2c-fuser/1") and `model.safetensors` (the stacked 
 per-layer checkpoint, whichever it finds.
 
 Per group, for X in {K, V} of one receiver layer:
-    h     = in([x_sharer ; x_receiver])                  Linear(Hs*Ds + Hr*Dr -> H)
+    x_sharer = mlp(x_sharer)                             C2C-C only (sharer_mlp_layers > 0): Linear(Hs*Ds -> H),
+                                                         (GELU, Linear(H -> H)) ..., GELU, Linear(H -> Hr*Dr)
+    h     = in([x_sharer ; x_receiver])                  Linear(Hs*Ds + Hr*Dr -> H)  (C2C-C: Hr*Dr + Hr*Dr)
     h     = h + Drop(W2 GELU(W1 RMSNorm(h)))             shared block, I = intermediate_dim
     P     = out(proj_blocks(h))                          num_layers - 2 blocks, Linear(H -> Hr*Dr)
     alpha = sigmoid(head(weight_block(h)))               block with I = H, Linear(H -> Hr)
@@ -69,6 +71,9 @@ class FuserConfig:
     anneal_steps: int = 1929
     exempt_gates_from_weight_decay: bool = False  # the paper decays them; True is the fix
     variant: str = "full"  # one of FUSER_VARIANTS; "full" is the paper's C2C fuser
+    # C2C-C (paper A.1.3): an MLP of this many Linear layers (width hidden_dim, GELU between) first maps the
+    # sharer's K/V to the receiver's width; 0 = the default C2C fuser, 3 = the paper's C2C-C
+    sharer_mlp_layers: int = 0
     # provenance, checked when a checkpoint is loaded for a model pair
     receiver: str | None = None
     sharer: str | None = None
@@ -79,6 +84,8 @@ class FuserConfig:
     def __post_init__(self):
         if self.num_layers < 2:
             raise ValueError(f"num_layers must be >= 2 (one shared block + output), got {self.num_layers}")
+        if self.sharer_mlp_layers < 0 or self.sharer_mlp_layers == 1:
+            raise ValueError(f"sharer_mlp_layers must be 0 (default C2C) or >= 2 (C2C-C: 3), got {self.sharer_mlp_layers}")
         if self.variant not in FUSER_VARIANTS:
             raise ValueError(f"variant must be one of {FUSER_VARIANTS}, got {self.variant!r}")
         if self.gate_noise not in GATE_NOISES:
@@ -216,6 +223,21 @@ class StackedResidualBlock(nn.Module):
         return x + self.dropout(self.w2(F.gelu(self.w1(self.norm(x)))))
 
 
+class StackedMLP(nn.Module):
+    """Linear(in -> H), then (GELU, Linear) layers ending at `out`: `layers` Linear layers for G groups at once."""
+
+    def __init__(self, groups: int, in_features: int, hidden: int, out_features: int, layers: int):
+        super().__init__()
+        widths = [in_features] + [hidden] * (layers - 1) + [out_features]
+        self.linears = nn.ModuleList(StackedLinear(groups, a, b) for a, b in zip(widths[:-1], widths[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linears[0](x)
+        for linear in self.linears[1:]:
+            x = linear(F.gelu(x))
+        return x
+
+
 class C2CFuser(nn.Module):
     """The fusers of every receiver layer for one sharer, K and V paths, with stacked weights."""
 
@@ -227,6 +249,9 @@ class C2CFuser(nn.Module):
         receiver_width = config.receiver_kv_heads * config.receiver_head_dim
         hidden = config.hidden_dim
         reads_receiver = config.variant != "projection"
+        if config.sharer_mlp_layers:  # C2C-C
+            self.sharer_mlp = StackedMLP(groups, sharer_width, hidden, receiver_width, config.sharer_mlp_layers)
+            sharer_width = receiver_width
         self.input = StackedLinear(groups, sharer_width + receiver_width * reads_receiver, hidden)
         self.shared_block = StackedResidualBlock(groups, hidden, config.intermediate_dim, config.dropout)
         self.projection_blocks = nn.ModuleList(
@@ -296,6 +321,8 @@ class C2CFuser(nn.Module):
         dtype = self.input.weight.dtype
         x_sharer = sharer_kv.to(dtype).permute(0, 1, 3, 2, 4).reshape(G, B * N, Hs * Ds)  # (G, M, Hs*Ds)
         x_receiver = receiver_kv.to(dtype).permute(0, 1, 3, 2, 4).reshape(G, B * N, Hr * Dr)  # (G, M, Hr*Dr)
+        if self.config.sharer_mlp_layers:  # C2C-C
+            x_sharer = self.sharer_mlp(x_sharer)  # (G, M, Hr*Dr)
         projection_only = self.config.variant == "projection"
         features = x_sharer if projection_only else torch.cat([x_sharer, x_receiver], dim=-1)
         hidden = self.shared_block(self.input(features))  # (G, M, H)

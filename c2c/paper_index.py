@@ -169,7 +169,8 @@ ENTRIES: tuple[Entry, ...] = (
           paper="mean of 4: Project 20.70, +Fuse 44.88, +Gate 47.95", ours=_ours_ablation,
           note=f"on the knowledge-transfer task (held-out facts), not the benchmarks; {LATER} re-runs it on the MC regime"),
     Entry("Table 9", "Default C2C vs C2C-C with PGR (Qwen3-4B -> Qwen3-0.6B)", kind="later",
-          reason=f"{LATER}: the C2C-C fuser", paper="MMLU-Redux: T2T 42.95, C2C 45.92, C2C-C 62.78 (PGR 76%)"),
+          reason=f"{LATER}: the C2C-C fuser is built (fuser option sharer_mlp_layers: 3) but not yet trained "
+                 "(configs/train_small_mc_complex.yaml, about an hour on the small profile's CPU)", paper="MMLU-Redux: T2T 42.95, C2C 45.92, C2C-C 62.78 (PGR 76%)"),
     Entry("Table 10", "Accuracy with one layer enriched", "02_layer_enrichment",
           _both("{results}/layer_enrichment"), _figure("layer_enrichment"),
           paper="layers 4 (58.52) and 16 (58.45) beat Direct (58.42); worst 14 (54.24)", ours=_ours_layers),

@@ -25,7 +25,7 @@ from c2c.align import LAYER_MAP_STRATEGIES
 FUSER_OPTIONS: dict[str, type] = {
     "hidden_dim": int, "intermediate_dim": int, "num_layers": int, "dropout": float, "gate_noise": str,
     "initial_temperature": float, "final_temperature": float, "anneal_steps": int,  # or "total"
-    "exempt_gates_from_weight_decay": bool, "variant": str,
+    "exempt_gates_from_weight_decay": bool, "variant": str, "sharer_mlp_layers": int,
 }
 # options of `receiver_finetune:` / `sharer_finetune:` (a demo/test aid: fine-tune a copy of the model first,
 # cached, c2c.finetune; dataset and max_examples default to the run's, the rest to c2c.finetune.FINETUNE_DEFAULTS)

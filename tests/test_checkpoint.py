@@ -14,15 +14,17 @@ from c2c.fuser import C2CFuser
 from conftest import make_fuser
 
 
-def test_round_trip_is_exact(tmp_path, tiny_receiver, tiny_sharer):
+@pytest.mark.parametrize("sharer_mlp_layers", [0, 3], ids=["c2c", "c2c-c"])
+def test_round_trip_is_exact(tmp_path, tiny_receiver, tiny_sharer, sharer_mlp_layers):
     receiver, sharer = tiny_receiver[0], tiny_sharer[0]
-    fuser = make_fuser(receiver, sharer, seed=5, receiver="tiny-receiver", sharer="tiny-sharer", alignment="longest")
+    fuser = make_fuser(receiver, sharer, seed=5, receiver="tiny-receiver", sharer="tiny-sharer", alignment="longest",
+                       sharer_mlp_layers=sharer_mlp_layers)
     fuser.set_step(700)
     fuser.save_pretrained(tmp_path / "fuser")
     config = json.loads((tmp_path / "fuser" / "fuser_config.json").read_text())
     assert config["receiver"] == "tiny-receiver" and config["sharer"] == "tiny-sharer"
     assert config["layer_map"] == [0, 0, 1, 2] and config["alignment"] == "longest"
-    assert config["receiver_signature"]["model_type"] == "qwen3"
+    assert config["receiver_signature"]["model_type"] == "qwen3" and config["sharer_mlp_layers"] == sharer_mlp_layers
     loaded = C2CFuser.from_pretrained(tmp_path / "fuser", receiver.config, sharer.config)
     assert not loaded.training
     for name, tensor in fuser.state_dict().items():

@@ -164,8 +164,42 @@ def test_ablation_variants():
     (dict(num_layers=1), "num_layers"),
     (dict(gate_noise="uniform"), "gate_noise"),
     (dict(variant="gateless"), "variant"),
+    (dict(sharer_mlp_layers=1), "sharer_mlp_layers"),
     (dict(layer_map=[0, 1]), "layer_map"),
 ])
 def test_bad_config_is_rejected(bad, message):
     with pytest.raises(ValueError, match=message):
         small_config(**bad)
+
+
+def test_complex_fuser_maps_the_sharer_to_receiver_width_first():
+    """C2C-C (sharer_mlp_layers=3) equals the default fuser of a sharer already of the receiver's shape, fed
+    the sharer K/V after a 3-layer MLP computed here group by group in float64."""
+    config = small_config(sharer_mlp_layers=3, dropout=0.0)
+    complex_fuser = C2CFuser(config).double().eval()
+    with torch.no_grad():
+        complex_fuser.gate_logit.fill_(0.5)
+    sharer, receiver = (t.double() for t in random_kv(config))
+    G, B, Hs, N, Ds = sharer.shape
+    Hr, Dr = config.receiver_kv_heads, config.receiver_head_dim
+    linears = complex_fuser.sharer_mlp.linears
+    assert [tuple(layer.weight.shape[1:]) for layer in linears] == [(Hs * Ds, 8), (8, 8), (8, Hr * Dr)]
+    mapped = torch.empty(G, B, Hr, N, Dr, dtype=torch.float64)
+    for g in range(G):
+        x = sharer[g].permute(0, 2, 1, 3).reshape(B * N, Hs * Ds)
+        for i, layer in enumerate(linears):
+            x = x if i == 0 else torch.nn.functional.gelu(x)
+            x = x @ layer.weight[g] + layer.bias[g, 0]
+        mapped[g] = x.view(B, N, Hr, Dr).transpose(1, 2)
+    plain_config = small_config(dropout=0.0, sharer_kv_heads=Hr, sharer_head_dim=Dr)
+    plain = C2CFuser(plain_config).double().eval()
+    state = {k: v for k, v in complex_fuser.state_dict().items() if not k.startswith("sharer_mlp.")}
+    plain.load_state_dict(state)
+    expected = plain(mapped, receiver)
+    assert torch.allclose(complex_fuser(sharer, receiver), expected, rtol=0, atol=1e-12)
+    assert not torch.equal(expected, receiver)
+    extra = sum(p.numel() for p in linears.parameters())
+    assert extra == G * ((Hs * Ds + 1) * 8 + 9 * 8 + 9 * Hr * Dr)  # per group: 3 Linear layers with bias
+    default_count = sum(p.numel() for p in C2CFuser(small_config()).parameters())
+    input_change = 2 * config.receiver_layers * 8 * (Hr * Dr - Hs * Ds)
+    assert sum(p.numel() for p in complex_fuser.parameters()) == default_count + extra + input_change

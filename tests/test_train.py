@@ -1,5 +1,6 @@
 """Fuser training: loss, optimiser groups, schedule, exact resume, logs, errors, and real knowledge transfer."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -290,3 +291,15 @@ def test_fuser_transfers_knowledge_only_the_sharer_has(tmp_path):
     assert c2c["answer_accuracy"] >= receiver["answer_accuracy"] + 0.2
     assert c2c["answer_accuracy"] >= control["answer_accuracy"] + 0.2
     assert load_fuser(tmp_path / "expert" / "final").open_gates().any()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("train_*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_train_config_loads(path):
+    assert load_train_config(path).output_dir
+
+
+def test_the_complex_fuser_config_differs_from_the_main_run_only_in_the_fuser_mlp():
+    main = load_train_config(REPO / "configs" / "train_small_mc.yaml")
+    complex_run = load_train_config(REPO / "configs" / "train_small_mc_complex.yaml")
+    assert complex_run.fuser == {**main.fuser, "sharer_mlp_layers": 3}
+    assert dataclasses.replace(complex_run, fuser=main.fuser, output_dir=main.output_dir) == main
