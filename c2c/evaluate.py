@@ -64,10 +64,11 @@ import transformers
 import yaml
 from tqdm.auto import tqdm
 
-from c2c.align import ALIGNMENT_STRATEGIES
+from c2c.align import ALIGNMENT_STRATEGIES, DEFAULT_ALIGNMENT
 from c2c.benchmarks import DEFAULT_T2T_PROTOCOL, MCItem, check_t2t_protocol, get_benchmark, load_benchmark, mc_prompt, resolve_source
 from c2c.checkpoint import PUBLISHED_CONFIG_NAME, load_fuser
 from c2c.fingerprint import code_version
+from c2c.fused import MULTI_SHARER_MODES, C2CModel
 from c2c.fuser import CONFIG_NAME, FuserConfig, random_fuser
 from c2c.jsonl import read_jsonl
 from c2c.locks import FolderInUseError, folder_lock
@@ -137,9 +138,13 @@ DEFAULTS: dict[str, Any] = {
     "routing": False,
 }
 # "sharer" and "fuser" (C2C only) override the config's for one method, e.g. the Identical control:
-# {name: c2c, key: c2c_identical, sharer: <the receiver>, fuser: {checkpoint: <its fuser>}}
+# {name: c2c, key: c2c_identical, sharer: <the receiver>, fuser: {checkpoint: <its fuser>}}.
+# "more_sharers" (C2C only): further sharers, each with its own separately trained fuser, fused in at inference
+# with the first (the paper's Table 13): [{sharer: <model>, fuser: {checkpoint: <folder>}}, ...]; "multi_sharer"
+# says how (c2c.fused.MULTI_SHARER_MODES: each fuser reads the cache the previous ones fused, or all read the
+# receiver's own and their terms are summed)
 METHOD_KEYS = {"name", "key", "label", "scoring", "max_new_tokens", "assistant_prefix",
-               "sharer_max_new_tokens", "t2t_protocol", "batch_size", "sharer", "fuser"}
+               "sharer_max_new_tokens", "t2t_protocol", "batch_size", "sharer", "fuser", "more_sharers", "multi_sharer"}
 BENCHMARK_KEYS = {"name", "source", "split", "limit", "subjects"}
 STATIC_CACHE = {"auto": None, True: True, False: False}  # config value -> Method(static_cache=...)
 ROUTING_KEY = "routing"  # the derived routing baseline's key in the table and in comparisons
@@ -564,16 +569,39 @@ def _method_entry(entry, cfg: dict) -> dict:
         out["sharer"] = entry.get("sharer", cfg["sharer"])
         out["fuser"] = entry.get("fuser", cfg["fuser"])
         _check_fuser_spec(out["fuser"], f"methods[{out['key']}].")
-        if out["fuser"] and "checkpoint" in out["fuser"]:  # recorded repository-relative: the same from the CLI and a notebook
-            out["fuser"] = {"checkpoint": repo_relative(out["fuser"]["checkpoint"])}
-    elif "sharer" in entry or "fuser" in entry:
-        raise ValueError(f"method {name!r}: 'sharer' and 'fuser' can be set per method for c2c only")
+        out["fuser"] = _relative_checkpoint(out["fuser"])
+        more_sharers = entry.get("more_sharers") or []
+        if not isinstance(more_sharers, list):
+            raise ValueError(f"method {out['key']}: more_sharers must be a list, got {more_sharers!r}")
+        out["more_sharers"] = [_more_sharer(more, f"methods[{out['key']}].more_sharers[{i}].")
+                               for i, more in enumerate(more_sharers)]
+        out["multi_sharer"] = entry.get("multi_sharer", "sequential")
+        if out["multi_sharer"] not in MULTI_SHARER_MODES:
+            raise ValueError(f"method {out['key']}: multi_sharer must be one of {MULTI_SHARER_MODES}, "
+                             f"got {out['multi_sharer']!r}")
+    elif {"sharer", "fuser", "more_sharers", "multi_sharer"} & set(entry):
+        raise ValueError(f"method {name!r}: 'sharer', 'fuser', 'more_sharers' and 'multi_sharer' can be set per "
+                         "method for c2c only")
     needs = {"receiver": ["receiver"], "sharer": ["sharer"], "t2t": ["receiver", "sharer"],
              "c2c": ["receiver", "sharer", "fuser"]}[name]
     missing = [k for k in needs if not out.get(k, cfg.get(k))]
     if missing:
         raise ValueError(f"method {name!r} needs config keys {missing}")
     return out
+
+
+def _relative_checkpoint(spec):
+    """A fuser spec with its checkpoint recorded repository-relative: the same from the CLI and a notebook."""
+    return {"checkpoint": repo_relative(spec["checkpoint"])} if spec and "checkpoint" in spec else spec
+
+
+def _more_sharer(entry, where: str) -> dict:
+    """One further sharer of a C2C method: {sharer: <model>, fuser: {checkpoint: ...} or {random: ...}}."""
+    if not isinstance(entry, dict) or set(entry) != {"sharer", "fuser"} or not isinstance(entry["sharer"], str):
+        raise ValueError(f"config key {where[:-1]} must be {{sharer: <model>, fuser: {{checkpoint: <folder>}}}}, "
+                         f"got {entry!r}")
+    _check_fuser_spec(entry["fuser"], where)
+    return {"sharer": entry["sharer"], "fuser": _relative_checkpoint(entry["fuser"])}
 
 
 def _benchmark_entry(entry, cfg: dict) -> dict:
@@ -613,15 +641,18 @@ class _Models:
 def _check_fuser_checkpoint(cfg: dict) -> None:
     """Each C2C method's fuser checkpoint: there, and (ours) with a readable config, checked before any model loads."""
     for entry in cfg["methods"]:
-        if entry["name"] != "c2c" or "checkpoint" not in entry["fuser"]:
+        if entry["name"] != "c2c":
             continue
-        folder = repo_path(entry["fuser"]["checkpoint"])
-        if (folder / CONFIG_NAME).is_file():
-            FuserConfig.from_json_file(folder / CONFIG_NAME)
-        elif not (folder / PUBLISHED_CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"method {entry['key']}: fuser checkpoint {str(folder)!r} holds neither "
-                                    f"{CONFIG_NAME} (ours) nor {PUBLISHED_CONFIG_NAME} (a published one); train one "
-                                    "(c2c.train) or fix fuser.checkpoint")
+        for spec in [entry["fuser"]] + [more["fuser"] for more in entry["more_sharers"]]:
+            if "checkpoint" not in spec:
+                continue
+            folder = repo_path(spec["checkpoint"])
+            if (folder / CONFIG_NAME).is_file():
+                FuserConfig.from_json_file(folder / CONFIG_NAME)
+            elif not (folder / PUBLISHED_CONFIG_NAME).is_file():
+                raise FileNotFoundError(f"method {entry['key']}: fuser checkpoint {str(folder)!r} holds neither "
+                                        f"{CONFIG_NAME} (ours) nor {PUBLISHED_CONFIG_NAME} (a published one); train "
+                                        "one (c2c.train) or fix fuser.checkpoint")
 
 
 def warn_if_trained_for_other_models(fuser, sources: dict) -> None:
@@ -667,12 +698,25 @@ def build_method(entry: dict, cfg: dict, models: _Models) -> Method:
                           receiver_name=cfg["receiver"],
                           sharer_name=cfg["sharer"], **options)
     if name == "c2c":
-        sources = {"receiver": cfg["receiver"], "sharer": entry["sharer"]}
-        (receiver, r_tok), (sharer, s_tok) = models.get(sources["receiver"]), models.get(sources["sharer"])
-        fuser, fuser_name = _fuser(entry["fuser"], sources, receiver, sharer)
-        return C2C.from_models(receiver, r_tok, sharer, s_tok, fuser, alignment=cfg["alignment"],
-                               fuser_name=fuser_name, receiver_name=sources["receiver"],
-                               sharer_names=[sources["sharer"]], **options)
+        receiver, r_tok = models.get(cfg["receiver"])
+        if not entry["more_sharers"]:
+            sources = {"receiver": cfg["receiver"], "sharer": entry["sharer"]}
+            fuser, fuser_name = _fuser(entry["fuser"], sources, receiver, models.get(entry["sharer"])[0])
+            return C2C.from_models(receiver, r_tok, *models.get(entry["sharer"]), fuser, alignment=cfg["alignment"],
+                                   fuser_name=fuser_name, receiver_name=cfg["receiver"],
+                                   sharer_names=[entry["sharer"]], **options)
+        sharers = [{"sharer": entry["sharer"], "fuser": entry["fuser"]}] + entry["more_sharers"]
+        loaded = [models.get(s["sharer"]) for s in sharers]
+        fusers = [_fuser(s["fuser"], {"receiver": cfg["receiver"], "sharer": s["sharer"]}, receiver, model)
+                  for s, (model, _) in zip(sharers, loaded)]
+        # one strategy for every sharer whose tokenizer differs: the config's, else the one their fusers trained with
+        alignment = cfg["alignment"] or next((f.config.alignment for f, _ in fusers if f.config.alignment),
+                                             DEFAULT_ALIGNMENT)
+        model = C2CModel(receiver, r_tok, [m for m, _ in loaded], [t for _, t in loaded],
+                         [f.to(device=receiver.device, dtype=receiver.dtype).eval() for f, _ in fusers],
+                         alignment=alignment, multi_sharer=entry["multi_sharer"])
+        return C2C(model, fuser_name=" + ".join(name for _, name in fusers), receiver_name=cfg["receiver"],
+                   sharer_names=[s["sharer"] for s in sharers], **options)
     raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
 
 

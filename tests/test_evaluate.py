@@ -463,3 +463,36 @@ def test_config_paths_are_repository_relative_whatever_the_working_folder(tmp_pa
     fusers = [load_eval_config({**base, "methods": [{"name": "c2c", "fuser": {"checkpoint": str(checkpoint)}}]})
               ["methods"][0]["fuser"] for checkpoint in (REPO_ROOT / "runs" / "small" / "f", "runs/small/f")]
     assert fusers == [{"checkpoint": "runs/small/f"}] * 2
+
+
+def test_more_sharers_fuse_separately_trained_fusers_at_inference(tmp_path, tiny_receiver, tiny_sharer):
+    """Table 13: a second sharer with its own fuser. With the second fuser's gates closed the method answers exactly
+    as C2C with the first alone; open, it answers from both (and names both in its description)."""
+    (receiver, _), (sharer, _) = tiny_receiver, tiny_sharer
+    make_fuser(receiver, sharer, seed=1, gate_logit=1.0).save_pretrained(tmp_path / "fuser")
+    make_fuser(receiver, receiver, seed=2, gate_logit=-1.0).save_pretrained(tmp_path / "closed")
+    make_fuser(receiver, receiver, seed=2, gate_logit=1.0).save_pretrained(tmp_path / "open")
+
+    def two(key, second, mode="sequential"):
+        return {"name": "c2c", "key": key, "multi_sharer": mode,
+                "more_sharers": [{"sharer": "tiny-receiver", "fuser": {"checkpoint": str(tmp_path / second)}}]}
+
+    config = _control_config(tmp_path / "fuser", tmp_path / "open", benchmarks=[{"name": "arc-challenge",
+                                                                                  "source": "tiny-fixtures"}],
+                             comparisons=[], methods=["c2c", two("both_closed", "closed"), two("both_open", "open"),
+                                                      two("both_parallel", "open", "parallel")])
+    ran = run_eval(config, tmp_path / "out", progress=False)
+    records = {key: ran.results[(key, "arc-challenge")].records
+               for key in ("c2c_logits", "both_closed", "both_open", "both_parallel")}
+    for one, closed in zip(records["c2c_logits"], records["both_closed"]):
+        assert one["scores"] == closed["scores"]
+    assert any(a["scores"] != b["scores"] for a, b in zip(records["c2c_logits"], records["both_open"]))
+    meta = json.loads((tmp_path / "out" / "eval" / "both_parallel" / "arc-challenge.meta.json").read_text())
+    assert meta["method"]["sharers"] == ["tiny-sharer", "tiny-receiver"] and meta["method"]["multi_sharer"] == "parallel"
+    assert " + " in meta["method"]["fuser"]
+    with pytest.raises(ValueError, match="more_sharers\\[0\\] must be"):
+        load_eval_config({**config, "methods": [{"name": "c2c", "more_sharers": [{"sharer": "tiny-receiver"}]}]})
+    with pytest.raises(ValueError, match="multi_sharer must be one of"):
+        load_eval_config({**config, "methods": [{**two("x", "open"), "multi_sharer": "mean"}]})
+    with pytest.raises(ValueError, match="per method for c2c only"):
+        load_eval_config({**config, "methods": [{"name": "sharer", "multi_sharer": "parallel"}]})
