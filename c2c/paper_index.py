@@ -134,6 +134,21 @@ def _ours_curves(rows):
                      for found in [[r for r in evals if r["run"] == run]])
 
 
+def _ours_pairs(rows):
+    return "; ".join(f"{r['pair']}: receiver {float(r['receiver']):.1f}, C2C {float(r['c2c']):.1f}"
+                     + (f", T2T {float(r['t2t']):.1f} (first {r['t2t_n']})" if r.get("t2t") else "") for r in rows)
+
+
+def _ours_sizes(rows):
+    gains = "; ".join(f"sharer {int(r['sharer_size']) / 1e6:.3g}M: C2C {float(r['c2c_gain']):+.1f}"
+                      + (f", T2T {float(r['t2t_gain']):+.1f}" if r.get("t2t_gain") else "") for r in rows)
+    return gains + " (gain over the receiver, points)"
+
+
+def _ours_two_sharers(rows):
+    return ", ".join(f"{r['row']} {float(r['accuracy']):.1f}" for r in rows if r["row"].startswith(("receiver", "C2C")))
+
+
 def _ours_gates(rows):
     return ", ".join(f"{r['fuser']}: {_pct(r['all_open'])}% open" for r in rows)
 
@@ -162,8 +177,11 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("Table 6", "Single / Identical / C2C", kind="later",
           reason=f"{LATER}: the Single full fine-tune (the Identical control runs in the main evaluation)",
           paper="mean of 4: Single 41.52, Identical 46.41, C2C 47.95"),
-    Entry("Table 7", "Other model combinations and swapped roles", kind="later", reason=f"{LATER}: more fusers",
-          paper="Qwen2.5-Coder-0.5B -> Qwen3-0.6B: receiver 35.53, T2T 39.74, C2C 46.89 (MMLU-Redux)"),
+    Entry("Table 7", "Other model combinations and swapped roles", "16_model_pairs",
+          _both("{results}/model_pairs"), _figure("model_pairs_gain"),
+          paper="Qwen2.5-Coder-0.5B -> Qwen3-0.6B: receiver 35.53, T2T 39.74, C2C 46.89 (MMLU-Redux)", ours=_ours_pairs,
+          note="the profile's own pairs (params pair_runs); the paper profile runs only notebook 03's pair until the "
+               "MMLU-regime configs of the other four exist (issue 17)"),
     Entry("Table 8", "Fuser ablation: Project / +Fuse / +Gate", "07_ablations",
           _both("{results}/ablations"), _figure("ablations"),
           paper="mean of 4: Project 20.70, +Fuse 44.88, +Gate 47.95", ours=_ours_ablation,
@@ -180,8 +198,9 @@ ENTRIES: tuple[Entry, ...] = (
           _both("{results}/training_cost"), _figure("training_cost"),
           paper="Qwen2.5-0.5B+Qwen3-0.6B: 35.53 (step 0), 44.30 at step 300 (0.87 h, 8 GPUs), 42.92 final (5.59 h)",
           ours=_ours_checkpoints, paper_profile_reproduces=True),
-    Entry("Table 13", "One receiver, two sharers", kind="later", reason=f"{LATER}: two fusers combined",
-          paper="Sharer1 -> R 60.71, Sharer2 -> R 46.13, both 64.60"),
+    Entry("Table 13", "One receiver, two sharers", "16_model_pairs", _both("{results}/two_sharers"), _figure("two_sharers"),
+          paper="Sharer1 -> R 60.71, Sharer2 -> R 46.13, both 64.60", ours=_ours_two_sharers,
+          note="two pairs' separately trained fusers fused in together at inference (params pair_combination)"),
     Entry("Table 14", "Shared latent projectors", kind="later", reason=f"{LATER}: jointly trained projectors",
           paper="Qwen3-0.6B: none 34.78, Coder-0.5B 46.07, 4B-Base 51.23, both 51.08"),
     Entry("Table 15", "GSM8K agentic workflow (T-C2C)", kind="later", reason=f"{LATER}: GSM8K workflow",
@@ -196,8 +215,9 @@ ENTRIES: tuple[Entry, ...] = (
           _both("{results}/layer_enrichment_sets"), _figure("layer_enrichment_best_worst"),
           paper="Top-K rises to about all-layer Oracle (62.34) near k = 5; Last-K falls", ours=_ours_best_worst),
     Entry("Figure 5", "Fuser architecture", kind="schematic"),
-    Entry("Figure 6", "Gain vs sharer size", kind="later", reason=f"{LATER}: a grid of fusers",
-          paper="C2C's gain grows faster with sharer size than T2T's (no values)"),
+    Entry("Figure 6", "Gain vs sharer size", "16_model_pairs", _both("{results}/model_pairs"),
+          _figure("model_pairs_gain"), paper="C2C's gain grows faster with sharer size than T2T's (no values)",
+          ours=_ours_sizes, note="sharer size as non-embedding parameters; the profile's pairs, one curve per receiver"),
     Entry("Figure 7", "Venn diagrams of correctly answered items", "12_answer_overlap",
           _both("{results}/answer_overlap"), _figure("answer_overlap"),
           paper="C2C-C right on 50.97% (Math-1.5B) / 72.11% (Qwen3-4B) of the sharer-right questions",

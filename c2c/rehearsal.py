@@ -27,7 +27,7 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from c2c.benchmarks import BENCHMARKS, MMLU_SUBJECTS, write_tiny_fixtures
-from c2c.data import synthetic_facts
+from c2c.data import MMLU_AUXILIARY_TRAIN, synthetic_facts
 from c2c.fingerprint import sha256_of_file, write_manifest
 from c2c.models import MANIFEST_NAME, _tiny_problems
 from c2c.paths import REPO_ROOT, cache_dir
@@ -140,9 +140,25 @@ def mmlu_dev_records(subject: str) -> list[dict]:
     return records
 
 
-def write_data(folder: Path, openhermes_count: int) -> dict[str, Path]:
+def mmlu_auxiliary_records(count: int) -> list[dict]:
+    """`count` multiple-choice items in the schema of cais/mmlu's auxiliary_train (fields nested under "train")."""
+    records = []
+    for i in range(count):
+        a, b = 2 + i, 5 + 3 * i
+        choices = [str(a + b + d) for d in (-2, -1, 0, 1)]
+        records.append({"train": {"question": f"What is {a} + {b}?", "subject": "", "choices": choices, "answer": 2}})
+    return records
+
+
+def _auxiliary_source(folder: Path) -> str:
+    """How a config names the local copy of MMLU's auxiliary_train."""
+    return f"{MMLU_AUXILIARY_TRAIN}={folder / 'mmlu_auxiliary_train.jsonl'}"
+
+
+def write_data(folder: Path, openhermes_count: int) -> dict[str, Path | str]:
     """Local copies, in the hub schemas, of every dataset the paper profile reads from the hub: name -> path
-    (benchmark names -> their folder, OpenHermes-2.5 -> its JSON file)."""
+    (benchmark names -> their folder, OpenHermes-2.5 -> its JSON file) or, for MMLU's auxiliary_train (the MMLU
+    regime's data), the dataset string that names its local copy."""
     sources = write_tiny_fixtures(folder / "benchmarks")
     redux_subjects = sorted(p.name for p in sources["mmlu-redux"].iterdir() if p.is_dir())
     assert set(redux_subjects) <= set(MMLU_SUBJECTS), redux_subjects
@@ -152,6 +168,9 @@ def write_data(folder: Path, openhermes_count: int) -> dict[str, Path]:
     sources["mmlu"] = folder / "benchmarks" / "mmlu"
     sources[OPENHERMES] = _write_if_changed(folder / "openhermes2_5.json",
                                             json.dumps(openhermes_records(openhermes_count), indent=1))
+    _write_if_changed(folder / "mmlu_auxiliary_train.jsonl",
+                      "".join(json.dumps(r) + "\n" for r in mmlu_auxiliary_records(openhermes_count)))
+    sources[MMLU_AUXILIARY_TRAIN] = _auxiliary_source(folder)
     return sources
 
 
@@ -252,6 +271,7 @@ def derive(overrides: dict | None = None, *, build: bool = False) -> tuple[dict,
         models = {name: f"<stand-in of {name}>" for name in overrides["standins"]}
         data = {name: str(INPUTS / "data" / "benchmarks" / name) for name in BENCHMARKS}
         data[OPENHERMES] = str(INPUTS / "data" / "openhermes2_5.json")
+        data[MMLU_AUXILIARY_TRAIN] = _auxiliary_source(INPUTS / "data")
     derivation = Derivation(overrides, models, data)
     params = derivation.params(yaml.safe_load(PAPER_PARAMS.read_text()))
     params["profile"] = PROFILE

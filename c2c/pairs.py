@@ -1,0 +1,202 @@
+"""Model pairs: the paper's Table 7 (other families, swapped roles), Figure 6 (gain against sharer size) and
+Table 13 (one receiver, several sharers' fusers at once).
+
+Each pair is a training config (``c2c.train``, with optional overrides in the CLI's keys); its fuser is
+trained (or resumed, or found finished) and evaluated the way the main table is: receiver alone, sharer
+alone and C2C on one benchmark, T2T on the first items of it (T2T is slow: the sharer writes). The
+receiver and sharer of an evaluation are the ones the fuser was trained for (its ``fuser_config.json``),
+so a pair cannot be evaluated with models other than its own. ``pair_row`` turns one pair's records into
+a row of the table, with 95% intervals and paired exact McNemar tests against the receiver alone;
+``evaluate_combination`` and ``combination_rows`` do the same for several pairs' fusers fused in together.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from c2c.evaluate import run_eval
+from c2c.fuser import CONFIG_NAME, FuserConfig
+from c2c.models import resolve_model_source
+from c2c.paths import repo_path, repo_relative
+from c2c.records import method_records
+from c2c.stats import paired_by_id, wilson_interval
+from c2c.train import train
+from c2c.train_config import load_train_config
+
+# the methods of a pair's evaluation (keys as in the main table) and of its T2T subset
+PAIR_METHODS = ("receiver", "sharer", "c2c")
+T2T_METHODS = ("t2t",)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One (receiver, sharer) pair: its label, training config and overrides of that config."""
+
+    label: str
+    config: str  # a training config, relative to the repository
+    overrides: dict = field(default_factory=dict)  # training config keys ("max_steps", "fuser.hidden_dim", ...)
+
+    @property
+    def run(self) -> Path:
+        """The training run's folder (the config's output_dir, or the override's)."""
+        return repo_path(load_train_config(repo_path(self.config), self.overrides).output_dir)
+
+    @property
+    def slug(self) -> str:
+        return self.run.name
+
+
+def parse_pairs(pair_runs: dict) -> list[Pair]:
+    """The pairs of a profile's ``pair_runs`` (label -> {"config": file, other training keys...}), each checked
+    by loading its training config (a missing file or an unknown key raises, naming the pair)."""
+    if not isinstance(pair_runs, dict) or not pair_runs:
+        raise ValueError(f"pair_runs must map labels to {{config: <train config>, ...}}, got {pair_runs!r}")
+    pairs = []
+    for label, entry in pair_runs.items():
+        if not isinstance(entry, dict) or "config" not in entry:
+            raise ValueError(f"pair {label!r}: give a mapping with 'config' (a training config) and optional "
+                             f"training keys, got {entry!r}")
+        overrides = {k: v for k, v in entry.items() if k != "config"}
+        pair = Pair(str(label), str(entry["config"]), overrides)
+        try:
+            pair.run
+        except (OSError, ValueError) as error:
+            raise ValueError(f"pair {label!r}: {error}") from None
+        pairs.append(pair)
+    slugs = [p.slug for p in pairs]
+    if len(set(slugs)) != len(slugs):
+        raise ValueError(f"two pairs train into the same run folder: {slugs}; give each its own output_dir")
+    return pairs
+
+
+def train_pair(pair: Pair) -> Path:
+    """Train the pair's fuser (resuming, or finding the finished run); its final folder."""
+    return train(repo_path(pair.config), overrides={**pair.overrides, "output_dir": str(pair.run)})
+
+
+def eval_config_for_pair(base: str | os.PathLike, fuser_folder: str | os.PathLike, *, benchmark: str,
+                         limit: int | None, methods: tuple[str, ...], name: str) -> dict:
+    """An evaluation config for one pair: the base config's settings (scoring, dtype, batch size, prompt caches,
+    T2T protocol and caps) and its entry for ``benchmark`` (source, split, limit unless ``limit`` is given), with
+    the receiver, sharer and fuser of ``fuser_folder`` and only ``methods`` (named as their keys)."""
+    raw = yaml.safe_load(repo_path(base).read_text(encoding="utf-8")) or {}
+    entries = [b if isinstance(b, dict) else {"name": b} for b in raw.get("benchmarks") or []]
+    entry = next((b for b in entries if b["name"] == benchmark), None)
+    if entry is None:
+        raise ValueError(f"benchmark {benchmark!r} is not in {base}; it has {[b['name'] for b in entries]}")
+    fuser = FuserConfig.from_json_file(Path(fuser_folder) / CONFIG_NAME)
+    if not (fuser.receiver and fuser.sharer):
+        raise ValueError(f"{fuser_folder} does not name the receiver and sharer it was trained for; retrain it")
+    for key in ("routing", "comparisons", "output", "alignment"):  # the pair's own: alignment is the fuser's
+        raw.pop(key, None)
+    return {**raw, "name": name, "receiver": fuser.receiver, "sharer": fuser.sharer,
+            "fuser": {"checkpoint": repo_relative(fuser_folder)}, "methods": [{"name": m, "key": m} for m in methods],
+            "benchmarks": [{**entry, **({"limit": limit} if limit else {})}]}
+
+
+def evaluate_pair(pair: Pair, fuser_folder: Path, base: str | os.PathLike, out: str | os.PathLike, *, benchmark: str,
+                  limit: int | None, t2t_limit: int) -> tuple[Path, Path | None]:
+    """Evaluate a pair (``run_eval``, per-item records kept and reused): receiver, sharer and C2C into ``out``,
+    T2T on the first ``t2t_limit`` items into ``out``/t2t_subset (none if 0); the two folders."""
+    out = Path(out)
+    config = eval_config_for_pair(base, fuser_folder, benchmark=benchmark, limit=limit, methods=PAIR_METHODS,
+                                  name=f"pair-{pair.slug}")
+    run_eval(config, out, command=f"c2c.pairs.evaluate_pair: {pair.label}")
+    if not t2t_limit:
+        return out, None
+    t2t_config = eval_config_for_pair(base, fuser_folder, benchmark=benchmark, limit=t2t_limit, methods=T2T_METHODS,
+                                      name=f"pair-{pair.slug}-t2t")
+    run_eval(t2t_config, out / "t2t_subset", command=f"c2c.pairs.evaluate_pair: {pair.label}, T2T subset")
+    return out, out / "t2t_subset"
+
+
+def non_embedding_parameters(source: str) -> int:
+    """A model's parameters without its input embedding and output head, from its config alone (no weights are
+    read): a size that does not depend on whether a checkpoint ties the two (our GGUF conversions do not)."""
+    location, gguf = resolve_model_source(source)
+    config = AutoConfig.from_pretrained(location, **({"gguf_file": gguf} if gguf else {}))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    embeddings = {id(m.weight): m.weight.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings())}
+    return model.num_parameters() - sum(embeddings.values())
+
+
+def pair_row(pair: Pair, out: str | os.PathLike, t2t_out: str | os.PathLike | None, *, benchmark: str) -> dict:
+    """One row of the pairs table from the records of ``out`` (receiver, sharer, C2C) and ``t2t_out`` (T2T on a
+    subset, or None): the models and their sizes (non-embedding parameters), accuracies (%) with 95% intervals,
+    C2C - receiver with its paired 95% interval and exact McNemar p, and on the T2T subset T2T - receiver and
+    C2C - T2T the same way."""
+    records = {key: method_records(out, key, benchmark) for key in PAIR_METHODS}
+    fuser = FuserConfig.from_json_file(pair.run / "final" / CONFIG_NAME)
+    row = {"pair": pair.label, "receiver_model": fuser.receiver, "sharer_model": fuser.sharer,
+           "receiver_size": non_embedding_parameters(fuser.receiver), "sharer_size": non_embedding_parameters(fuser.sharer),
+           "benchmark": benchmark, "n": len(records["c2c"])}
+    for key in PAIR_METHODS:
+        correct, n = sum(bool(r["correct"]) for r in records[key]), len(records[key])
+        low, high = wilson_interval(correct, n)
+        row.update({key: round(100 * correct / n, 2), f"{key}_ci": f"[{100 * low:.1f}, {100 * high:.1f}]"})
+    row.update(_gain("c2c", paired_by_id(records["c2c"], records["receiver"])))
+    if t2t_out is not None:
+        t2t = method_records(t2t_out, "t2t", benchmark)
+        versus_receiver = paired_by_id(t2t, records["receiver"])
+        row.update({"t2t": round(100 * versus_receiver.accuracy_a, 2), "t2t_n": versus_receiver.n,
+                    **_gain("t2t", versus_receiver)})
+        versus_t2t = paired_by_id(records["c2c"], t2t)
+        row.update({"c2c_minus_t2t": round(100 * versus_t2t.difference, 2), "c2c_minus_t2t_p": versus_t2t.p_value})
+    return row
+
+
+def _gain(method: str, comparison) -> dict:
+    """A paired comparison with the receiver as table columns (percentage points)."""
+    low, high = comparison.interval
+    return {f"{method}_gain": round(100 * comparison.difference, 2), f"{method}_gain_low": round(100 * low, 2),
+            f"{method}_gain_high": round(100 * high, 2), f"{method}_gain_p": comparison.p_value}
+
+
+def evaluate_combination(pairs: list[Pair], finals: list[Path], base: str | os.PathLike, out: str | os.PathLike, *,
+                         benchmark: str, limit: int | None, multi_sharer: str = "sequential") -> Path:
+    """The paper's Table 13: pairs that share a receiver, their separately trained fusers fused in together at
+    inference (no further training; ``multi_sharer`` says how), evaluated with the receiver alone into ``out``."""
+    configs = [FuserConfig.from_json_file(Path(final) / CONFIG_NAME) for final in finals]
+    receivers = {config.receiver for config in configs}
+    if len(pairs) < 2 or len(receivers) != 1:
+        raise ValueError(f"a combination needs two or more pairs with one receiver; {[p.label for p in pairs]} have "
+                         f"receivers {sorted(map(str, receivers))}")
+    config = eval_config_for_pair(base, finals[0], benchmark=benchmark, limit=limit, methods=("receiver",),
+                                  name="combination-" + "+".join(p.slug for p in pairs))
+    more = [{"sharer": c.sharer, "fuser": {"checkpoint": repo_relative(final)}} for c, final in zip(configs[1:], finals[1:])]
+    config["methods"].append({"name": "c2c", "key": "c2c", "multi_sharer": multi_sharer, "more_sharers": more})
+    run_eval(config, out, command="c2c.pairs.evaluate_combination: " + " + ".join(p.label for p in pairs))
+    return Path(out)
+
+
+def combination_rows(pairs: list[Pair], pair_outs: list[Path], out: str | os.PathLike, *, benchmark: str) -> list[dict]:
+    """Table 13's rows on the combination's items: the receiver alone, each sharer alone, each pair's C2C and the
+    combination's, with 95% intervals and (for the C2C rows) the paired gain over the receiver and exact McNemar p."""
+    receiver = method_records(out, "receiver", benchmark)
+    rows = [("receiver alone", receiver)]
+    rows += [(f"sharer alone: {pair.label}", method_records(folder, "sharer", benchmark))
+             for pair, folder in zip(pairs, pair_outs)]
+    rows += [(f"C2C: {pair.label}", method_records(folder, "c2c", benchmark)) for pair, folder in zip(pairs, pair_outs)]
+    rows.append(("C2C, all fusers at once", method_records(out, "c2c", benchmark)))
+    ids = {r["id"] for r in receiver}
+    table = []
+    for name, records in rows:
+        records = [r for r in records if r["id"] in ids]
+        correct, n = sum(bool(r["correct"]) for r in records), len(records)
+        if n != len(ids):
+            raise ValueError(f"{name}: records of {n} of the combination's {len(ids)} items; evaluate the pairs on "
+                             "the same benchmark and limit first")
+        low, high = wilson_interval(correct, n)
+        row = {"row": name, "accuracy": round(100 * correct / n, 2), "ci": f"[{100 * low:.1f}, {100 * high:.1f}]",
+               "n": n}
+        if name.startswith("C2C"):
+            row.update(_gain("c2c", paired_by_id(records, receiver)))
+        table.append(row)
+    return table

@@ -1,0 +1,101 @@
+"""Model pairs (notebook 16: Table 7, Figure 6): pairs parsed and checked, each evaluated with its own fuser's
+models, sizes counted without embeddings, and the table's numbers against hand-computed ones."""
+
+import json
+
+import pytest
+import yaml
+
+from c2c.evaluate import load_eval_config
+from c2c.models import load_model
+from c2c.pairs import Pair, eval_config_for_pair, non_embedding_parameters, pair_row, parse_pairs
+from conftest import make_fuser
+
+TINY_TRAIN = "configs/train_tiny.yaml"
+
+
+def test_pairs_are_parsed_and_checked(tmp_path):
+    pairs = parse_pairs({"a": {"config": TINY_TRAIN, "output_dir": str(tmp_path / "a")},
+                         "b": {"config": TINY_TRAIN, "sharer": "tiny-sharer", "max_steps": 3,
+                               "output_dir": str(tmp_path / "b")}})
+    assert [(p.label, p.slug, p.overrides.get("max_steps")) for p in pairs] == [("a", "a", None), ("b", "b", 3)]
+    assert pairs[1].run == tmp_path / "b"
+    with pytest.raises(ValueError, match="'config'"):
+        parse_pairs({"a": {"output_dir": "x"}})
+    with pytest.raises(ValueError, match="pair 'a'.*unknown config key"):
+        parse_pairs({"a": {"config": TINY_TRAIN, "learning_rat": 1.0}})
+    with pytest.raises(ValueError, match="pair 'a'.*does not exist"):
+        parse_pairs({"a": {"config": "configs/no_such.yaml"}})
+    with pytest.raises(ValueError, match="same run folder"):
+        parse_pairs({"a": {"config": TINY_TRAIN, "output_dir": str(tmp_path / "x")},
+                     "b": {"config": TINY_TRAIN, "output_dir": str(tmp_path / "x")}})
+    with pytest.raises(ValueError, match="pair_runs"):
+        parse_pairs({})
+
+
+def _saved_fuser(tmp_path, tiny_receiver, tiny_sharer, **names):
+    fuser = make_fuser(tiny_receiver[0], tiny_sharer[0], **names)
+    return fuser.save_pretrained(tmp_path / "run" / "final")
+
+
+def test_a_pair_is_evaluated_with_its_own_fusers_models(tmp_path, tiny_receiver, tiny_sharer):
+    folder = _saved_fuser(tmp_path, tiny_receiver, tiny_sharer, receiver="tiny-receiver", sharer="tiny-sharer")
+    base = tmp_path / "eval.yaml"
+    base.write_text(yaml.safe_dump({
+        "receiver": "other-receiver", "sharer": "other-sharer", "fuser": {"random": {"seed": 0}}, "scoring": "logits",
+        "routing": True, "comparisons": [["c2c", "receiver"]], "output": "results/elsewhere", "max_new_tokens": 8,
+        "methods": ["receiver", "sharer", "c2c"],
+        "benchmarks": [{"name": "arc-challenge", "source": "tiny-fixtures", "limit": 9}, "mmlu-redux"]}))
+    config = eval_config_for_pair(base, folder, benchmark="arc-challenge", limit=None, methods=("receiver", "c2c"),
+                                  name="pair-x")
+    assert (config["receiver"], config["sharer"]) == ("tiny-receiver", "tiny-sharer")
+    assert config["fuser"] == {"checkpoint": str(folder)}  # outside the repository: absolute
+    assert config["benchmarks"] == [{"name": "arc-challenge", "source": "tiny-fixtures", "limit": 9}]
+    assert not {"routing", "comparisons", "output"} & set(config) and config["max_new_tokens"] == 8
+    checked = load_eval_config(config)
+    assert [m["key"] for m in checked["methods"]] == ["receiver", "c2c"]
+    limited = eval_config_for_pair(base, folder, benchmark="arc-challenge", limit=2, methods=("t2t",), name="t")
+    assert limited["benchmarks"][0]["limit"] == 2
+    with pytest.raises(ValueError, match="'ceval' is not in"):
+        eval_config_for_pair(base, folder, benchmark="ceval", limit=None, methods=("c2c",), name="x")
+    unnamed = _saved_fuser(tmp_path / "unnamed", tiny_receiver, tiny_sharer)
+    with pytest.raises(ValueError, match="does not name the receiver and sharer"):
+        eval_config_for_pair(base, unnamed, benchmark="arc-challenge", limit=None, methods=("c2c",), name="x")
+
+
+@pytest.mark.parametrize("name", ["tiny-receiver", "tiny-sharer"])
+def test_sizes_leave_out_the_embeddings(name):
+    model, _ = load_model(name)
+    unique = {id(p): (n, p.numel()) for n, p in model.named_parameters(remove_duplicate=False)}
+    expected = sum(numel for n, numel in unique.values() if "embed_tokens" not in n and "lm_head" not in n)
+    assert non_embedding_parameters(name) == expected > 0
+
+
+def _write_records(out, key, correct):
+    folder = out / "eval" / key
+    folder.mkdir(parents=True)
+    lines = [json.dumps({"id": f"q{i}", "correct": c, "pred": "A", "text": "", "parse_failure": False, "seconds": 0.1})
+             for i, c in enumerate(correct)]
+    (folder / "mmlu.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_a_row_of_the_table_is_computed_from_the_records(tmp_path, tiny_receiver, tiny_sharer):
+    _saved_fuser(tmp_path, tiny_receiver, tiny_sharer, receiver="tiny-receiver", sharer="tiny-sharer")
+    pair = Pair("tiny pair", TINY_TRAIN, {"output_dir": str(tmp_path / "run")})
+    out = tmp_path / "out"
+    receiver = [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+    c2c = [1, 1, 0, 1, 1, 1, 1, 0, 0, 0]  # vs the receiver: 4 items only C2C gets, 1 only the receiver
+    _write_records(out, "receiver", receiver)
+    _write_records(out, "sharer", [1] * 8 + [0, 0])
+    _write_records(out, "c2c", c2c)
+    _write_records(out / "t2t_subset", "t2t", [0, 1, 1, 1])  # the first 4 items only
+    row = pair_row(pair, out, out / "t2t_subset", benchmark="mmlu")
+    assert (row["receiver"], row["sharer"], row["c2c"], row["n"]) == (30.0, 80.0, 60.0, 10)
+    assert (row["receiver_model"], row["sharer_model"]) == ("tiny-receiver", "tiny-sharer")
+    assert row["sharer_size"] == non_embedding_parameters("tiny-sharer")
+    assert row["c2c_gain"] == 30.0 and row["c2c_gain_p"] == pytest.approx(2 * (1 + 5) / 2**5)  # exact McNemar, 4 vs 1
+    assert row["c2c_gain_low"] < 30.0 < row["c2c_gain_high"]
+    # on the first 4 items: T2T 3/4, receiver 3/4 (1 each way), C2C 3/4 (vs T2T: 1 each way)
+    assert (row["t2t"], row["t2t_n"], row["t2t_gain"], row["t2t_gain_p"]) == (75.0, 4, 0.0, 1.0)
+    assert (row["c2c_minus_t2t"], row["c2c_minus_t2t_p"]) == (0.0, 1.0)
+    assert "t2t" not in pair_row(pair, out, None, benchmark="mmlu")
