@@ -185,7 +185,9 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("Table 8", "Fuser ablation: Project / +Fuse / +Gate", "07_ablations",
           _both("{results}/ablations"), _figure("ablations"),
           paper="mean of 4: Project 20.70, +Fuse 44.88, +Gate 47.95", ours=_ours_ablation,
-          note=f"on the knowledge-transfer task (held-out facts), not the benchmarks; {LATER} re-runs it on the MC regime"),
+          note="held-out loss and, on the knowledge-transfer task, held-out facts; the same notebook scores the variants "
+               "of params ablation_eval_runs on a benchmark into ablations_benchmark.csv|md (Table 8's measure; the "
+               "small profile's MC-regime variants are configured, not yet trained)"),
     Entry("Table 9", "Default C2C vs C2C-C with PGR (Qwen3-4B -> Qwen3-0.6B)", kind="later",
           reason=f"{LATER}: the C2C-C fuser is built (fuser option sharer_mlp_layers: 3) but not yet trained "
                  "(configs/train_small_mc_complex.yaml, about an hour on the small profile's CPU)", paper="MMLU-Redux: T2T 42.95, C2C 45.92, C2C-C 62.78 (PGR 76%)"),
