@@ -8,7 +8,8 @@ import yaml
 
 from c2c.evaluate import load_eval_config
 from c2c.models import load_model
-from c2c.pairs import Pair, eval_config_for_pair, non_embedding_parameters, pair_row, parse_pairs
+from c2c.pairs import (Pair, combination_rows, eval_config_for_pair, evaluate_combination, non_embedding_parameters,
+                       pair_row, parse_pairs)
 from conftest import make_fuser
 
 TINY_TRAIN = "configs/train_tiny.yaml"
@@ -99,3 +100,32 @@ def test_a_row_of_the_table_is_computed_from_the_records(tmp_path, tiny_receiver
     assert (row["t2t"], row["t2t_n"], row["t2t_gain"], row["t2t_gain_p"]) == (75.0, 4, 0.0, 1.0)
     assert (row["c2c_minus_t2t"], row["c2c_minus_t2t_p"]) == (0.0, 1.0)
     assert "t2t" not in pair_row(pair, out, None, benchmark="mmlu")
+
+
+def test_a_combination_needs_two_pairs_with_one_receiver(tmp_path, tiny_receiver, tiny_sharer):
+    first = _saved_fuser(tmp_path / "a", tiny_receiver, tiny_sharer, receiver="tiny-receiver", sharer="tiny-sharer")
+    other = _saved_fuser(tmp_path / "b", tiny_sharer, tiny_receiver, receiver="tiny-sharer", sharer="tiny-receiver")
+    pairs = [Pair("a", TINY_TRAIN, {"output_dir": str(tmp_path / "a" / "run")}),
+             Pair("b", TINY_TRAIN, {"output_dir": str(tmp_path / "b" / "run")})]
+    with pytest.raises(ValueError, match="one receiver"):
+        evaluate_combination(pairs, [first, other], "configs/eval_tiny.yaml", tmp_path / "out",
+                             benchmark="arc-challenge", limit=2)
+    with pytest.raises(ValueError, match="two or more pairs"):
+        evaluate_combination(pairs[:1], [first], "configs/eval_tiny.yaml", tmp_path / "out",
+                             benchmark="arc-challenge", limit=2)
+    assert not (tmp_path / "out").exists()  # refused before any model loads or folder is made
+
+
+def test_combination_rows_refuse_records_of_other_items(tmp_path, tiny_receiver, tiny_sharer):
+    pairs = [Pair("a", TINY_TRAIN, {"output_dir": str(tmp_path / "a")}), Pair("b", TINY_TRAIN, {"output_dir": str(tmp_path / "b")})]
+    for name, n in (("a", 4), ("b", 3)):  # pair b was evaluated on fewer items
+        for key in ("sharer", "c2c"):
+            _write_records(tmp_path / name, key, [1] * n)
+    _write_records(tmp_path / "both", "receiver", [0, 0, 0, 1])
+    _write_records(tmp_path / "both", "c2c", [1, 1, 0, 1])
+    with pytest.raises(ValueError, match="records of 3 of the combination's 4 items"):
+        combination_rows(pairs, [tmp_path / "a", tmp_path / "b"], tmp_path / "both", benchmark="mmlu")
+    rows = combination_rows(pairs[:1] * 2, [tmp_path / "a"] * 2, tmp_path / "both", benchmark="mmlu")
+    assert [r["row"] for r in rows] == ["receiver alone", "sharer alone: a", "sharer alone: a", "C2C: a", "C2C: a",
+                                        "C2C, all fusers at once"]
+    assert rows[-1]["accuracy"] == 75.0 and rows[-1]["c2c_gain"] == 50.0 and "c2c_gain" not in rows[0]
