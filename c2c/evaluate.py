@@ -715,7 +715,7 @@ def build_method(entry: dict, cfg: dict, models: _Models) -> Method:
         model = C2CModel(receiver, r_tok, [m for m, _ in loaded], [t for _, t in loaded],
                          [f.to(device=receiver.device, dtype=receiver.dtype).eval() for f, _ in fusers],
                          alignment=alignment, multi_sharer=entry["multi_sharer"])
-        return C2C(model, fuser_name=" + ".join(name for _, name in fusers), receiver_name=cfg["receiver"],
+        return C2C(model, fuser_name=" + ".join(fuser_name for _, fuser_name in fusers), receiver_name=cfg["receiver"],
                    sharer_names=[s["sharer"] for s in sharers], **options)
     raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
 
