@@ -138,9 +138,7 @@ def pair_row(pair: Pair, out: str | os.PathLike, t2t_out: str | os.PathLike | No
            "receiver_size": non_embedding_parameters(fuser.receiver), "sharer_size": non_embedding_parameters(fuser.sharer),
            "benchmark": benchmark, "n": len(records["c2c"])}
     for key in PAIR_METHODS:
-        correct, n = sum(bool(r["correct"]) for r in records[key]), len(records[key])
-        low, high = wilson_interval(correct, n)
-        row.update({key: round(100 * correct / n, 2), f"{key}_ci": f"[{100 * low:.1f}, {100 * high:.1f}]"})
+        row[key], row[f"{key}_ci"] = _accuracy(records[key])
     row.update(_gain("c2c", paired_by_id(records["c2c"], records["receiver"])))
     if t2t_out is not None:
         t2t = method_records(t2t_out, "t2t", benchmark)
@@ -150,6 +148,13 @@ def pair_row(pair: Pair, out: str | os.PathLike, t2t_out: str | os.PathLike | No
         versus_t2t = paired_by_id(records["c2c"], t2t)
         row.update({"c2c_minus_t2t": round(100 * versus_t2t.difference, 2), "c2c_minus_t2t_p": versus_t2t.p_value})
     return row
+
+
+def _accuracy(records: list[dict]) -> tuple[float, str]:
+    """Accuracy (%) and its 95% Wilson interval as "[low, high]"."""
+    correct, n = sum(bool(r["correct"]) for r in records), len(records)
+    low, high = wilson_interval(correct, n)
+    return round(100 * correct / n, 2), f"[{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def _gain(method: str, comparison) -> dict:
@@ -189,13 +194,11 @@ def combination_rows(pairs: list[Pair], pair_outs: list[Path], out: str | os.Pat
     table = []
     for name, records in rows:
         records = [r for r in records if r["id"] in ids]
-        correct, n = sum(bool(r["correct"]) for r in records), len(records)
-        if n != len(ids):
-            raise ValueError(f"{name}: records of {n} of the combination's {len(ids)} items; evaluate the pairs on "
-                             "the same benchmark and limit first")
-        low, high = wilson_interval(correct, n)
-        row = {"row": name, "accuracy": round(100 * correct / n, 2), "ci": f"[{100 * low:.1f}, {100 * high:.1f}]",
-               "n": n}
+        if len(records) != len(ids):
+            raise ValueError(f"{name}: records of {len(records)} of the combination's {len(ids)} items; evaluate "
+                             "the pairs on the same benchmark and limit first")
+        accuracy, interval = _accuracy(records)
+        row = {"row": name, "accuracy": accuracy, "ci": interval, "n": len(records)}
         if name.startswith("C2C"):
             row.update(_gain("c2c", paired_by_id(records, receiver)))
         table.append(row)
