@@ -41,11 +41,11 @@ class Pair:
     label: str
     config: str  # a training config, relative to the repository
     overrides: dict = field(default_factory=dict)  # training config keys ("max_steps", "fuser.hidden_dim", ...)
+    run: Path = field(init=False)  # the training run's folder (the config's output_dir, or the override's)
 
-    @property
-    def run(self) -> Path:
-        """The training run's folder (the config's output_dir, or the override's)."""
-        return repo_path(load_train_config(repo_path(self.config), self.overrides).output_dir)
+    def __post_init__(self):
+        # loading the config checks it once: a missing file or an unknown key raises here
+        object.__setattr__(self, "run", repo_path(load_train_config(repo_path(self.config), self.overrides).output_dir))
 
     @property
     def slug(self) -> str:
@@ -63,12 +63,10 @@ def parse_pairs(pair_runs: dict) -> list[Pair]:
             raise ValueError(f"pair {label!r}: give a mapping with 'config' (a training config) and optional "
                              f"training keys, got {entry!r}")
         overrides = {k: v for k, v in entry.items() if k != "config"}
-        pair = Pair(str(label), str(entry["config"]), overrides)
         try:
-            pair.run
+            pairs.append(Pair(str(label), str(entry["config"]), overrides))
         except (OSError, ValueError) as error:
             raise ValueError(f"pair {label!r}: {error}") from None
-        pairs.append(pair)
     slugs = [p.slug for p in pairs]
     if len(set(slugs)) != len(slugs):
         raise ValueError(f"two pairs train into the same run folder: {slugs}; give each its own output_dir")
@@ -138,7 +136,7 @@ def pair_row(pair: Pair, out: str | os.PathLike, t2t_out: str | os.PathLike | No
            "receiver_size": non_embedding_parameters(fuser.receiver), "sharer_size": non_embedding_parameters(fuser.sharer),
            "benchmark": benchmark, "n": len(records["c2c"])}
     for key in PAIR_METHODS:
-        row[key], row[f"{key}_ci"] = _accuracy(records[key])
+        row.update(_accuracy(key, records[key]))
     row.update(_gain("c2c", paired_by_id(records["c2c"], records["receiver"])))
     if t2t_out is not None:
         t2t = method_records(t2t_out, "t2t", benchmark)
@@ -150,11 +148,12 @@ def pair_row(pair: Pair, out: str | os.PathLike, t2t_out: str | os.PathLike | No
     return row
 
 
-def _accuracy(records: list[dict]) -> tuple[float, str]:
-    """Accuracy (%) and its 95% Wilson interval as "[low, high]"."""
+def _accuracy(column: str, records: list[dict]) -> dict:
+    """Table columns: accuracy (%) as ``column`` and its 95% Wilson interval as ``column``_ci95_low/_high."""
     correct, n = sum(bool(r["correct"]) for r in records), len(records)
     low, high = wilson_interval(correct, n)
-    return round(100 * correct / n, 2), f"[{100 * low:.1f}, {100 * high:.1f}]"
+    return {column: round(100 * correct / n, 2), f"{column}_ci95_low": round(100 * low, 2),
+            f"{column}_ci95_high": round(100 * high, 2)}
 
 
 def _gain(method: str, comparison) -> dict:
@@ -197,8 +196,7 @@ def combination_rows(pairs: list[Pair], pair_outs: list[Path], out: str | os.Pat
         if len(records) != len(ids):
             raise ValueError(f"{name}: records of {len(records)} of the combination's {len(ids)} items; evaluate "
                              "the pairs on the same benchmark and limit first")
-        accuracy, interval = _accuracy(records)
-        row = {"row": name, "accuracy": accuracy, "ci": interval, "n": len(records)}
+        row = {"row": name, **_accuracy("accuracy", records), "n": len(records)}
         if name.startswith("C2C"):
             row.update(_gain("c2c", paired_by_id(records, receiver)))
         table.append(row)

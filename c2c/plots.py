@@ -74,6 +74,17 @@ def grouped_bars(ax, groups: list[str], series: dict[str, tuple[list, list, list
     ax.set_xticks(np.arange(len(groups)), groups)
 
 
+def interval_bars(ax, labels: list[str], values: list[float], lows: list[float], highs: list[float], colours: list,
+                  horizontal: bool = False) -> None:
+    """One bar per label with its interval [low, high] as an error bar (bars along x, or along y if horizontal)."""
+    values = np.asarray(values, dtype=float)
+    err = [values - np.asarray(lows, dtype=float), np.asarray(highs, dtype=float) - values]
+    if horizontal:
+        ax.barh(labels, values, xerr=err, color=colours, capsize=3)
+    else:
+        ax.bar(labels, values, yerr=err, color=colours, capsize=3)
+
+
 def legend_outside(ax, **kwargs) -> None:
     """The legend right of the axes, where it cannot cover a bar or a point."""
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), **kwargs)

@@ -2,6 +2,7 @@
 models, sizes counted without embeddings, and the table's numbers against hand-computed ones."""
 
 import json
+import math
 
 import pytest
 import yaml
@@ -92,6 +93,10 @@ def test_a_row_of_the_table_is_computed_from_the_records(tmp_path, tiny_receiver
     _write_records(out / "t2t_subset", "t2t", [0, 1, 1, 1])  # the first 4 items only
     row = pair_row(pair, out, out / "t2t_subset", benchmark="mmlu")
     assert (row["receiver"], row["sharer"], row["c2c"], row["n"]) == (30.0, 80.0, 60.0, 10)
+    # Wilson's 95% interval of 6/10, by its closed form
+    z, phat = 1.959964, 0.6
+    centre, half = (phat + z * z / 20) / (1 + z * z / 10), z * math.sqrt(phat * 0.4 / 10 + z * z / 400) / (1 + z * z / 10)
+    assert (row["c2c_ci95_low"], row["c2c_ci95_high"]) == pytest.approx((100 * (centre - half), 100 * (centre + half)), abs=0.01)
     assert (row["receiver_model"], row["sharer_model"]) == ("tiny-receiver", "tiny-sharer")
     assert row["sharer_size"] == non_embedding_parameters("tiny-sharer")
     assert row["c2c_gain"] == 30.0 and row["c2c_gain_p"] == pytest.approx(2 * (1 + 5) / 2**5)  # exact McNemar, 4 vs 1
@@ -129,3 +134,4 @@ def test_combination_rows_refuse_records_of_other_items(tmp_path, tiny_receiver,
     assert [r["row"] for r in rows] == ["receiver alone", "sharer alone: a", "sharer alone: a", "C2C: a", "C2C: a",
                                         "C2C, all fusers at once"]
     assert rows[-1]["accuracy"] == 75.0 and rows[-1]["c2c_gain"] == 50.0 and "c2c_gain" not in rows[0]
+    assert rows[-1]["accuracy_ci95_low"] < 75.0 < rows[-1]["accuracy_ci95_high"] <= 100.0

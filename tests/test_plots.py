@@ -7,8 +7,8 @@ from itertools import product
 import pytest
 from matplotlib.colors import to_rgb
 
-from c2c.plots import (_VENN_CENTRES, _VENN_LABELS, METHODS, TABLE_ROWS, figure, grouped_bars, logit_limit,
-                       method_colours, method_labels, radar, save, venn3)
+from c2c.plots import (_VENN_CENTRES, _VENN_LABELS, METHODS, TABLE_ROWS, figure, grouped_bars, interval_bars,
+                       logit_limit, method_colours, method_labels, radar, save, venn3)
 
 
 def test_each_venn_label_lies_in_exactly_its_circles():
@@ -58,6 +58,17 @@ def test_grouped_bars_error_bars_span_the_intervals():
     assert spans == [(10.0, 35.0), (25.0, 32.0), (40.0, 55.0)]  # the missing value: no bar, no error bar
     assert len(ax.collections) == 2 and len(ax.patches) == 6  # z has bars and no intervals: no error bars
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
+
+
+@pytest.mark.parametrize("horizontal", [False, True])
+def test_interval_bars_error_bars_span_the_intervals(horizontal):
+    fig, ax = figure()
+    interval_bars(ax, ["a", "b"], [50.0, 20.0], [40.0, 10.0], [55.0, 35.0], ["red", "blue"], horizontal=horizontal)
+    axis = 0 if horizontal else 1  # the value axis
+    spans = sorted(tuple(sorted(seg[:, axis])) for coll in ax.collections for seg in coll.get_segments())
+    assert spans == [(10.0, 35.0), (40.0, 55.0)]
+    lengths = [p.get_width() if horizontal else p.get_height() for p in ax.patches]
+    assert lengths == [50.0, 20.0]
 
 
 def test_logit_limit_is_symmetric_and_at_least_one():
