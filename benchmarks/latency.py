@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import platform
 import statistics
 from pathlib import Path
@@ -112,14 +113,19 @@ def main() -> None:
     if args.shapes == "paper" and not cuda:
         parser.error("--shapes paper needs a CUDA device (use --shapes tiny on CPU)")
     args.out = args.out or ROOT / "results" / args.shapes / "latency.csv"
+    # other processes' work lands in wall-clock timings: the 1-minute load average before the run goes with them
+    load_before = round(os.getloadavg()[0], 2)
     rows = run(args)
     machine = torch.cuda.get_device_name() if cuda else f"CPU {platform.processor() or platform.machine()}, " \
                                                          f"{torch.get_num_threads()} threads"
+    if not cuda and load_before > 0.5:
+        print(f"warning: the machine was busy before this run (1-minute load average {load_before} on "
+              f"{os.cpu_count()} cores): CPU timings include other processes' work")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*rows[0], "shapes", "machine"])
+        writer = csv.DictWriter(f, fieldnames=[*rows[0], "shapes", "machine", "load_before"])
         writer.writeheader()
-        writer.writerows({**row, "shapes": args.shapes, "machine": machine} for row in rows)
+        writer.writerows({**row, "shapes": args.shapes, "machine": machine, "load_before": load_before} for row in rows)
     print(f"\n{machine}, shapes={args.shapes}; wrote {args.out}")
     print(f"{'batch':>5} {'prompt':>6} {'answer':>6} {'C2C/receiver':>13} {'T2T/C2C':>8} {'HF eager/engine':>16}")
     for r in ratios(rows):
