@@ -143,10 +143,13 @@ DEFAULTS: dict[str, Any] = {
 # with the first (the paper's Table 13): [{sharer: <model>, fuser: {checkpoint: <folder>}}, ...]; "multi_sharer"
 # says how (c2c.fused.MULTI_SHARER_MODES: each fuser reads the cache the previous ones fused, or all read the
 # receiver's own and their terms are summed)
-METHOD_KEYS = {"name", "key", "label", "scoring", "max_new_tokens", "assistant_prefix",
-               "sharer_max_new_tokens", "t2t_protocol", "batch_size", "sharer", "fuser", "more_sharers", "multi_sharer"}
+# "model" (receiver and sharer only) evaluates another model in that role, e.g. the Single baseline (c2c.single):
+# {name: receiver, key: single, model: runs/<profile>/<run>_single}
+METHOD_KEYS = {"name", "key", "label", "scoring", "max_new_tokens", "assistant_prefix", "sharer_max_new_tokens",
+               "t2t_protocol", "batch_size", "sharer", "fuser", "more_sharers", "multi_sharer", "model"}
 BENCHMARK_KEYS = {"name", "source", "split", "limit", "subjects"}
 STATIC_CACHE = {"auto": None, True: True, False: False}  # config value -> Method(static_cache=...)
+PROJECT_OUTPUTS = ("runs", "results", "build")  # repository folders the project writes models into
 ROUTING_KEY = "routing"  # the derived routing baseline's key in the table and in comparisons
 
 
@@ -582,12 +585,25 @@ def _method_entry(entry, cfg: dict) -> dict:
     elif {"sharer", "fuser", "more_sharers", "multi_sharer"} & set(entry):
         raise ValueError(f"method {name!r}: 'sharer', 'fuser', 'more_sharers' and 'multi_sharer' can be set per "
                          "method for c2c only")
-    needs = {"receiver": ["receiver"], "sharer": ["sharer"], "t2t": ["receiver", "sharer"],
+    if name in ("receiver", "sharer"):
+        out["model"] = _method_model(entry.get("model", cfg[name]), out["key"])
+    elif "model" in entry:
+        raise ValueError(f"method {name!r}: 'model' can be set per method for receiver and sharer only")
+    needs = {"receiver": ["model"], "sharer": ["model"], "t2t": ["receiver", "sharer"],
              "c2c": ["receiver", "sharer", "fuser"]}[name]
-    missing = [k for k in needs if not out.get(k, cfg.get(k))]
+    missing = [name if k == "model" else k for k in needs if not out.get(k, cfg.get(k))]
     if missing:
         raise ValueError(f"method {name!r} needs config keys {missing}")
     return out
+
+
+def _method_model(model: str | None, key: str) -> str | None:
+    """A method's own model: a folder this project wrote (runs/, results/, build/: repository-relative) must
+    exist; anything else is what `c2c.models.load_model` takes (offline:name, a local path, a hub id)."""
+    if model and Path(model).parts[0] in PROJECT_OUTPUTS and not repo_path(model).exists():
+        raise FileNotFoundError(f"method {key}: model folder {model!r} does not exist; train it first (the Single "
+                                "baseline: python -m c2c.single --config <the fuser's training config>)")
+    return model
 
 
 def _relative_checkpoint(spec):
@@ -630,7 +646,8 @@ class _Models:
     def get(self, source: str):
         if source not in self._loaded:
             print(f"loading {source}", flush=True)
-            model, tokenizer = load_model(source, dtype=self.dtype, device=self.device)
+            local = repo_path(source)  # a folder of this project's (runs/...) is repository-relative
+            model, tokenizer = load_model(local if local.exists() else source, dtype=self.dtype, device=self.device)
             if self.cfg["prefix_cache"]:
                 store = PrefixStore(model).attach()
                 print(f"prompt caches of {source}: {store.folder} ({len(store)} stored)", flush=True)
@@ -689,9 +706,9 @@ def build_method(entry: dict, cfg: dict, models: _Models) -> Method:
                "static_cache": STATIC_CACHE[cfg["static_cache"]]}
     name = entry["name"]
     if name == "receiver":
-        return ReceiverAlone(*models.get(cfg["receiver"]), model_name=cfg["receiver"], **options)
+        return ReceiverAlone(*models.get(entry["model"]), model_name=entry["model"], **options)
     if name == "sharer":
-        return SharerAlone(*models.get(cfg["sharer"]), model_name=cfg["sharer"], **options)
+        return SharerAlone(*models.get(entry["model"]), model_name=entry["model"], **options)
     if name == "t2t":
         return TextToText(*models.get(cfg["receiver"]), *models.get(cfg["sharer"]),
                           sharer_max_new_tokens=entry["sharer_max_new_tokens"], protocol=entry["t2t_protocol"],

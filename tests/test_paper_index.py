@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 from c2c.oracle import write_table
-from c2c.paper_index import ENTRIES, _ours_ablation, build_index, write_index
+from c2c.paper_index import ENTRIES, _ours_ablation, _ours_sources, build_index, write_index
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,3 +68,12 @@ def test_the_ablation_row_reads_accuracy_or_loss_as_notebook_07_wrote_them():
     assert "held-out facts" in _ours_ablation(facts) and "50" in _ours_ablation(facts)
     general = [{"variant": "projection", "held_out_loss": "11.75"}, {"variant": "full", "held_out_loss": "11.5"}]
     assert _ours_ablation(general) == "projection 11.750, full 11.500 (held-out loss, nats/token)"
+
+
+def test_the_table_6_row_names_each_of_single_identical_and_c2c_or_says_not_run():
+    small = [{"method": "receiver", "average": "27.9"}, {"method": "c2c", "average": "41.2"},
+             {"method": "c2c_identical", "average": "30.1"}]
+    assert _ours_sources(small) == "Single not run, Identical 30.1, C2C 41.2 (average accuracy)"
+    tiny = [{"method": "c2c_generate", "average": "20.0"}, {"method": "c2c_logits", "average": "25.0"},
+            {"method": "single", "average": "22.5"}]
+    assert _ours_sources(tiny) == "Single 22.5, Identical not run, C2C 20.0 (average accuracy)"
