@@ -166,16 +166,18 @@ def train_single(config: str | os.PathLike | dict | TrainConfig, *, overrides: d
         print(f"c2c.single: resumed from {checkpoint} at step {step}")
     else:
         step, seconds, before = 0, 0.0, held_out_loss()
-    lengths = data.lengths
+    lengths, scored = data.lengths, data.continuation_lengths  # (N,) each
+    epoch_order = (-1, [])  # (epoch, its batches): computed once per epoch
     receiver.train()
     bar = tqdm(total=total_steps, initial=step, desc="fine-tuning the receiver (Single)", disable=not progress)
     while step < total_steps:
         start = time.perf_counter()
         epoch, within = divmod(step, steps_per_epoch)
-        batches = batch_order(train_index, lengths, config.batch_size, seed=config.seed, epoch=epoch,
-                              length_bucketing=config.length_bucketing)[within * config.grad_accum:
-                                                                        (within + 1) * config.grad_accum]
-        step_tokens = int(sum(data.continuation_lengths[b].sum() for b in batches))
+        if epoch_order[0] != epoch:
+            epoch_order = (epoch, batch_order(train_index, lengths, config.batch_size, seed=config.seed, epoch=epoch,
+                                              length_bucketing=config.length_bucketing))
+        batches = epoch_order[1][within * config.grad_accum:(within + 1) * config.grad_accum]
+        step_tokens = int(sum(scored[b].sum() for b in batches))
         for indices in batches:
             ids, mask, labels = _batch([data[i] for i in indices], pad_id)
             with autocast:
@@ -189,7 +191,7 @@ def train_single(config: str | os.PathLike | dict | TrainConfig, *, overrides: d
         step += 1
         seconds += time.perf_counter() - start
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss.detach()) / max(1, int(data.continuation_lengths[batches[-1]].sum())):.4f}")
+        bar.set_postfix(loss=f"{float(loss.detach()) / max(1, int(scored[batches[-1]].sum())):.4f}")
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
             _save(receiver, tokenizer, checkpoint, {"config": fields, "optimizer": optimizer.state_dict(),
                                                     "scheduler": scheduler.state_dict(), "step": step,
