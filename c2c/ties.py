@@ -10,17 +10,17 @@ measures how much that matters, from the per-item records alone:
   the recorded accuracy, and the *tie-split* accuracy: each tied item counts 1/k when the gold letter is
   one of its k tied letters (the expected accuracy if ties were broken uniformly at random).
 * ``python -m c2c.ties --eval-out results/<profile>/<run>``: both for every method and benchmark of a run,
-  written to ``<eval-out>/ties.md`` and ``ties.json``.
+  one row each, written to ``<eval-out>/ties.csv`` and ``ties.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from c2c.oracle import write_table
 from c2c.records import method_records
 
 
@@ -54,28 +54,15 @@ def tie_summary(records: Sequence[dict]) -> dict:
             "accuracy": 100 * sum(bool(r["correct"]) for r in records) / n, "tie_split_accuracy": 100 * split / n}
 
 
-def run_ties(out: str | os.PathLike) -> dict[str, dict[str, dict]]:
-    """method key -> benchmark -> ``tie_summary`` for every record file under ``<out>/eval``."""
+def run_ties(out: str | os.PathLike) -> list[dict]:
+    """One row (method, benchmark and its ``tie_summary``) per record file under ``<out>/eval``."""
     folder = Path(out) / "eval"
     files = sorted(folder.glob("*/*.jsonl"))
     if not files:
         raise FileNotFoundError(f"no per-item records under {folder}: run the evaluation first "
                                 "(python -m c2c.evaluate --config <its config>)")
-    report: dict[str, dict[str, dict]] = {}
-    for path in files:
-        key, benchmark = path.parent.name, path.stem
-        report.setdefault(key, {})[benchmark] = tie_summary(method_records(out, key, benchmark))
-    return report
-
-
-def ties_markdown(report: dict[str, dict[str, dict]]) -> str:
-    lines = ["| Method | Benchmark | Items | Tied at the top | Gold among the tied | Accuracy | Tie-split accuracy |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for key, benchmarks in report.items():
-        for benchmark, s in benchmarks.items():
-            lines.append(f"| {key} | {benchmark} | {s['items']} | {s['tied']} | {s['gold_among_tied']} | "
-                         f"{s['accuracy']:.2f} | {s['tie_split_accuracy']:.2f} |")
-    return "\n".join(lines) + "\n"
+    return [{"method": path.parent.name, "benchmark": path.stem,
+             **tie_summary(method_records(out, path.parent.name, path.stem))} for path in files]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,16 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                  "records and the accuracy with ties split evenly.")
     parser.add_argument("--eval-out", required=True, help="the evaluation's output folder (results/<profile>/...)")
     args = parser.parse_args(argv)
-    report = run_ties(args.eval_out)
-    table = ties_markdown(report)
-    out = Path(args.eval_out)
-    (out / "ties.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "ties.md").write_text(
-        "# Ties between answer letters\n\nLetter-logit scoring takes the first letter of an exact tie; the "
-        "tie-split accuracy counts a tied item 1/k when the gold letter is one of its k tied letters.\n\n"
-        f"Produced by: `python -m c2c.ties --eval-out {args.eval_out}`\n\n" + table)
-    print(table)
-    print(f"wrote {out / 'ties.md'} and {out / 'ties.json'}")
+    csv_path, md_path = write_table(run_ties(args.eval_out), Path(args.eval_out) / "ties")
+    print(md_path.read_text())
+    print(f"wrote {csv_path} and {md_path}")
     return 0
 
 

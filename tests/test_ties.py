@@ -1,7 +1,8 @@
 """Ties between answer letters: the tie-split accuracy equals the mean over every tie-breaking order."""
 
-import itertools
+import csv
 import json
+import itertools
 
 import pytest
 
@@ -10,10 +11,10 @@ from c2c.ties import main, run_ties, tie_summary, tied_letters
 LETTERS = "ABCD"
 
 
-def record(gold, scores, correct=None):
+def record(gold, scores):
     pred = next(L for L in LETTERS if L in scores and scores[L] == max(scores.values()))  # first on ties
-    return {"id": f"x/{gold}{sorted(scores.items())}", "gold": gold, "pred": pred,
-            "correct": pred == gold if correct is None else correct, "scores": scores}
+    return {"id": f"x/{gold}{sorted(scores.items())}", "gold": gold, "pred": pred, "correct": pred == gold,
+            "scores": scores}
 
 
 RECORDS = [
@@ -54,10 +55,10 @@ def test_cli_writes_a_table_per_method_and_benchmark(tmp_path):
         folder.mkdir(parents=True)
         (folder / "mmlu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     assert main(["--eval-out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "ties.json").read_text())
-    assert report == run_ties(tmp_path)
-    assert set(report) == {"receiver", "c2c"} and report["c2c"]["mmlu"]["tied"] == 4
-    assert "| c2c | mmlu | 6 | 4 | 3 | 33.33 | 38.89 |" in (tmp_path / "ties.md").read_text()
+    rows = list(csv.DictReader((tmp_path / "ties.csv").open()))
+    assert [(r["method"], r["benchmark"], r["tied"]) for r in rows] == [("c2c", "mmlu", "4"), ("receiver", "mmlu", "4")]
+    assert rows == [{k: str(v) for k, v in row.items()} for row in run_ties(tmp_path)]
+    assert "| c2c | mmlu | 6 | 4 | 3 | 33.3333 | 38.8889 |" in (tmp_path / "ties.md").read_text()
 
 
 def test_errors_name_the_fix(tmp_path):
