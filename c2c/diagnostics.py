@@ -147,6 +147,15 @@ def gate_summary(fuser_folder: str | os.PathLike) -> dict:
             "max_abs_logit": max(max(abs(r["key_logit"]), abs(r["value_logit"])) for r in rows)}
 
 
+def open_all_gates(fuser_folder: str | os.PathLike, out_folder: str | os.PathLike) -> Path:
+    """Save a copy of a fuser with every gate open at inference (gate logits +1), all else unchanged: what its
+    projection does where its gates keep it out. Returns the copy's folder (evaluate it like any fuser)."""
+    fuser = load_fuser(fuser_folder)
+    with torch.no_grad():
+        fuser.gate_logit.fill_(1.0)
+    return fuser.save_pretrained(out_folder)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Diagnose trained fusers from their runs and evaluation records: "
                                                  "loss curves, gates, where the gain comes from; with --eval-config, "
@@ -160,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                               "and prompt caches) to measure its dynamic weights")
     parser.add_argument("--weight-items", type=int, default=64,
                         help="benchmark items (the first of the config's) for the dynamic weights")
+    parser.add_argument("--all-gates-open", metavar="FOLDER",
+                        help="also save FOLDER/<run folder name>: each fuser with every gate open (open_all_gates)")
     args = parser.parse_args(argv)
     report = {}
     for spec in args.fuser:
@@ -167,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not sep:
             parser.error(f"--fuser {spec!r}: use KEY=RUN_FOLDER")
         curve = training_curve(run)
+        if args.all_gates_open:
+            print(f"{key}: every gate open -> {open_all_gates(Path(run) / 'final', Path(args.all_gates_open) / Path(run).name)}")
         report[key] = {"run": run, "training": {k: v for k, v in curve.items() if k not in ("train", "eval")},
                        "eval_losses": curve["eval"], "gates": gate_summary(Path(run) / "final"),
                        "gain_sources": gain_sources(args.eval_out, args.benchmark, c2c=key)}

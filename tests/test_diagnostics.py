@@ -8,7 +8,8 @@ import yaml
 
 from c2c.align import AlignedPrompt
 from c2c.data import ChatExample
-from c2c.diagnostics import answer_token_losses, dynamic_weights, gain_sources, training_curve
+from c2c.checkpoint import load_fuser
+from c2c.diagnostics import answer_token_losses, dynamic_weights, gain_sources, open_all_gates, training_curve
 from c2c.diagnostics import main as diagnostics_main
 from c2c.fused import C2CModel
 from c2c.records import config_items, config_methods, records_path
@@ -119,6 +120,14 @@ def test_the_command_line_report(tmp_path, tiny_receiver, tiny_sharer):
     assert report["gates"] == {"layers": L, "key_open": 2, "value_open": 0, "max_abs_logit": 0.75}
     assert report["gain_sources"]["gained"] == 1 and report["gain_sources"]["sharer_right_on_gained"] == 1
     assert report["eval_losses"] == [[0, 2.0]]
+    # a copy with every gate open: the gates differ, every other tensor is the run's
+    assert diagnostics_main(["--eval-out", str(tmp_path / "eval_out"), "--fuser", f"c2c={run}",
+                             "--all-gates-open", str(tmp_path / "open")]) == 0
+    opened, saved = load_fuser(tmp_path / "open" / "run"), load_fuser(run / "final")
+    assert opened.open_gates().all() and saved.open_gates().sum() == 2
+    assert opened.config == saved.config
+    for (name, a), (_, b) in zip(opened.state_dict().items(), saved.state_dict().items(), strict=True):
+        assert torch.equal(a, b) != (name == "gate_logit"), name
     # with the evaluation's config: the run's fuser on real prompts, mean dynamic weights per layer
     config = tmp_path / "eval.yaml"
     config.write_text(yaml.safe_dump({**CONFIG, "methods": [{"name": "c2c", "key": "c2c"}]}))
