@@ -2,6 +2,7 @@
 
     python benchmarks/latency.py                      # paper shapes on CUDA, else the tiny pair on CPU
     python benchmarks/latency.py --shapes tiny --prompts 64 256 --answers 16 64 --batches 1 4
+    python benchmarks/latency.py --shapes small --prompts 64 256 --answers 16 --batches 1 4 --repeats 3
 
 Every method prefills all prompt tokens but the last and continues with transformers' generate
 (`c2c.fused.generate_from_prefix`; static cache, compiled, on CUDA). Timings are wall-clock
@@ -9,8 +10,10 @@ Every method prefills all prompt tokens but the last and continues with transfor
 forced to exactly A tokens (min_new_tokens = max_new_tokens). T2T: the sharer first writes a
 message of exactly --t2t-message tokens (a stated fixed length), then the receiver reads prompt +
 message and answers. "hf_eager" is plain `receiver.generate` with a dynamic cache, for the
-engine-vs-eager per-token ratio. Random weights of the real shapes; the paper pair shares a
-vocabulary, so every prompt token is fused.
+engine-vs-eager per-token ratio. Pairs: "paper" = random weights of the paper pair's shapes
+(CUDA); "small" = the small profile's real pair (Qwen2.5-Coder-0.5B-Instruct <- 1.5B-Instruct, the
+offline GGUF weights in bf16) with a random fuser; "tiny" = the tiny receiver as its own sharer.
+Every pair shares a vocabulary, so every prompt token is fused.
 
 Writes results/<shapes>/latency.csv (one row per setting and method) and prints the ratios.
 """
@@ -40,12 +43,19 @@ def timed(fn, device, warmup: int, repeats: int) -> float:
     return statistics.median(samples[warmup:])
 
 
+# the small profile's pair (params/small.yaml, configs/train_small_mc.yaml)
+SMALL_PAIR = ("offline:qwen2.5-coder-0.5b-instruct", "offline:qwen2.5-coder-1.5b-instruct")
+
+
 def build(shapes: str, device: torch.device):
     """(receiver, sharer, fused model) with a fuser whose gates are all open."""
     if shapes == "paper":
         receiver = paper_shape_model("qwen3-0.6b", device=device)
         sharer = paper_shape_model("qwen2.5-0.5b", device=device)
         fuser_options = {}
+    elif shapes == "small":
+        receiver, sharer = (load_model(source, dtype=torch.bfloat16, device=device)[0] for source in SMALL_PAIR)
+        fuser_options = dict(hidden_dim=256, intermediate_dim=256)
     else:  # the tiny receiver as its own sharer: a shared vocabulary, like the paper pair
         receiver, sharer = load_model("tiny-receiver", device=device)[0], load_model("tiny-receiver", device=device)[0]
         fuser_options = dict(hidden_dim=64, intermediate_dim=64)
@@ -101,7 +111,7 @@ def ratios(rows: list[dict]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
-    parser.add_argument("--shapes", choices=("paper", "tiny"), default="paper" if cuda else "tiny")
+    parser.add_argument("--shapes", choices=("paper", "small", "tiny"), default="paper" if cuda else "tiny")
     parser.add_argument("--prompts", type=int, nargs="+", default=[256, 1024, 4096] if cuda else [64, 256])
     parser.add_argument("--answers", type=int, nargs="+", default=[16, 64, 256] if cuda else [16, 64])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16] if cuda else [1, 4])
