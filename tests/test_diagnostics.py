@@ -9,7 +9,7 @@ import yaml
 from c2c.align import AlignedPrompt
 from c2c.data import ChatExample
 from c2c.checkpoint import load_fuser
-from c2c.diagnostics import answer_token_losses, dynamic_weights, gain_sources, open_all_gates, training_curve
+from c2c.diagnostics import answer_token_losses, dynamic_weights, gain_sources, training_curve
 from c2c.diagnostics import main as diagnostics_main
 from c2c.fused import C2CModel
 from c2c.records import config_items, config_methods, records_path
