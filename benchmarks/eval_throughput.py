@@ -27,11 +27,13 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from c2c.align import layer_map
 from c2c.benchmarks import load_benchmark, write_tiny_fixtures
 from c2c.fuser import C2CFuser, FuserConfig
 from c2c.methods import C2C
+from c2c.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN3_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "qwen3"
@@ -82,8 +84,6 @@ def measure(method, items, batch_sizes, repeats, device) -> list[dict]:
 
 
 def cpu_setting(args) -> list[dict]:
-    from c2c.models import load_model
-
     receiver, r_tok = load_model("tiny-receiver")
     sharer, s_tok = load_model("tiny-sharer")
     fuser = random_fuser(receiver, sharer, hidden_dim=32, intermediate_dim=24)
@@ -98,8 +98,6 @@ def cpu_setting(args) -> list[dict]:
 
 
 def gpu_setting(args) -> list[dict]:
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
     if not Path(args.tokenizer).is_dir():
         raise FileNotFoundError(f"the Qwen3 tokenizer folder {args.tokenizer} is missing (--tokenizer)")
     tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))

@@ -32,6 +32,7 @@ import torch
 from c2c.fused import C2CModel, FusedInputs, SharerInputs, generate_from_prefix
 from c2c.fuser import random_fuser
 from c2c.models import load_model, paper_shape_model
+from c2c.offline import SMALL_PAIR
 from c2c.phases import elapsed_ms
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,10 +42,6 @@ def timed(fn, device, warmup: int, repeats: int) -> float:
     """Median milliseconds of fn() after warm-up (CUDA events on a GPU, perf_counter on a CPU)."""
     samples = [elapsed_ms(fn, device)[1] for _ in range(warmup + repeats)]
     return statistics.median(samples[warmup:])
-
-
-# the small profile's pair (params/small.yaml, configs/train_small_mc.yaml)
-SMALL_PAIR = ("offline:qwen2.5-coder-0.5b-instruct", "offline:qwen2.5-coder-1.5b-instruct")
 
 
 def build(shapes: str, device: torch.device):
@@ -57,7 +54,7 @@ def build(shapes: str, device: torch.device):
         receiver, sharer = (load_model(source, dtype=torch.bfloat16, device=device)[0] for source in SMALL_PAIR)
         fuser_options = dict(hidden_dim=256, intermediate_dim=256)
     else:  # the tiny receiver as its own sharer: a shared vocabulary, like the paper pair
-        receiver, sharer = load_model("tiny-receiver", device=device)[0], load_model("tiny-receiver", device=device)[0]
+        receiver = sharer = load_model("tiny-receiver", device=device)[0]
         fuser_options = dict(hidden_dim=64, intermediate_dim=64)
     fuser = random_fuser(receiver.config, sharer.config, gate_logit=1.0, **fuser_options)
     fuser = fuser.to(device=device, dtype=receiver.dtype)

@@ -52,14 +52,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
 from c2c.align import layer_map
 from c2c.data import TrainBatch
 from c2c.fused import C2CModel, FusedInputs, SharerInputs
 from c2c.fuser import C2CFuser, FuserConfig
 from c2c.models import load_model
+from c2c.offline import SMALL_PAIR
 from c2c.prefixes import PrefixStore
 from c2c.train import FuserTrainingModule, optimizer_groups
+from c2c.train_config import load_train_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "train_throughput.json"
@@ -124,8 +127,6 @@ def step_flops(n_fuser: int, n_sharer: int, n_receiver: int, vocab_hidden: int, 
 
 
 def tiny_pair(device, dtype):
-    from c2c.train_config import load_train_config
-
     receiver, receiver_tok = load_model("tiny-receiver", dtype=dtype, device=device)
     sharer, sharer_tok = load_model("tiny-sharer", dtype=dtype, device=device)
     fuser_options = load_train_config(ROOT / "configs" / "train_tiny.yaml").fuser
@@ -134,8 +135,6 @@ def tiny_pair(device, dtype):
 
 def paper_pair(device, dtype):
     """Qwen3-0.6B and Qwen2.5-0.5B shapes with random weights (their public configs, written out here)."""
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
-
     receiver_config = Qwen3Config(
         vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
         num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
@@ -157,10 +156,8 @@ def paper_pair(device, dtype):
 
 def small_pair(device, dtype):
     """The small profile's real offline pair in bf16 (the frozen models' dtype in configs/train_small_mc.yaml)."""
-    from c2c.train_config import load_train_config
-
-    receiver, receiver_tok = load_model("offline:qwen2.5-coder-0.5b-instruct", dtype=torch.bfloat16, device=device)
-    sharer, sharer_tok = load_model("offline:qwen2.5-coder-1.5b-instruct", dtype=torch.bfloat16, device=device)
+    receiver, receiver_tok = load_model(SMALL_PAIR[0], dtype=torch.bfloat16, device=device)
+    sharer, sharer_tok = load_model(SMALL_PAIR[1], dtype=torch.bfloat16, device=device)
     fuser_options = load_train_config(ROOT / "configs" / "train_small_mc.yaml").fuser
     return receiver, receiver_tok, sharer, sharer_tok, fuser_options
 

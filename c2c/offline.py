@@ -135,6 +135,8 @@ SMALL_PROFILE_MODELS = (
     "qwen2.5-coder-1.5b-instruct",
     "smollm2-135m-instruct",
 )
+# the small profile's (receiver, sharer) pair (configs/train_small_mc.yaml), as model sources
+SMALL_PAIR = ("offline:qwen2.5-coder-0.5b-instruct", "offline:qwen2.5-coder-1.5b-instruct")
 
 
 def get_spec(name: str) -> OfflineModel:
