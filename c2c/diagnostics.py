@@ -23,6 +23,7 @@ from c2c.checkpoint import load_fuser
 from c2c.data import IGNORE_INDEX, collate_examples
 from c2c.fused import pad_token_id
 from c2c.jsonl import read_jsonl
+from c2c.paths import repo_relative
 from c2c.records import config_items, config_methods, correct_by_id, fused_inputs, method_records
 
 
@@ -156,6 +157,15 @@ def open_all_gates(fuser_folder: str | os.PathLike, out_folder: str | os.PathLik
     return fuser.save_pretrained(out_folder)
 
 
+def fuser_report(run: str | os.PathLike, eval_out: str | os.PathLike, benchmark: str, key: str) -> dict:
+    """One trained fuser, diagnosed: its run's loss summary and held-out losses, its gates (``gate_summary``) and
+    where its C2C method ``key`` of the evaluation in ``eval_out`` gains and loses (``gain_sources``)."""
+    curve = training_curve(run)
+    return {"run": repo_relative(run), "training": {k: v for k, v in curve.items() if k not in ("train", "eval")},
+            "eval_losses": curve["eval"], "gates": gate_summary(Path(run) / "final"),
+            "gain_sources": gain_sources(eval_out, benchmark, c2c=key)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Diagnose trained fusers from their runs and evaluation records: "
                                                  "loss curves, gates, where the gain comes from; with --eval-config, "
@@ -177,12 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         key, sep, run = spec.partition("=")
         if not sep:
             parser.error(f"--fuser {spec!r}: use KEY=RUN_FOLDER")
-        curve = training_curve(run)
         if args.all_gates_open:
             print(f"{key}: every gate open -> {open_all_gates(Path(run) / 'final', Path(args.all_gates_open) / Path(run).name)}")
-        report[key] = {"run": run, "training": {k: v for k, v in curve.items() if k not in ("train", "eval")},
-                       "eval_losses": curve["eval"], "gates": gate_summary(Path(run) / "final"),
-                       "gain_sources": gain_sources(args.eval_out, args.benchmark, c2c=key)}
+        report[key] = fuser_report(run, args.eval_out, args.benchmark, key)
         if args.eval_config:
             method = config_methods(args.eval_config, [key], fuser_checkpoint=Path(run) / "final")[key]
             items = config_items(args.eval_config, args.benchmark, args.eval_out, limit=args.weight_items)
