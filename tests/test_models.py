@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from c2c.align import shares_vocabulary
-from c2c.models import build_tiny_model, load_model
+import c2c.models
+from c2c.models import build_tiny_model, cpu_multiplies_bf16, load_model
 
 
 def folder_digest(folder):  # hidden files are SHA-256 memos (c2c.fingerprint), not part of the build
@@ -62,3 +63,28 @@ def test_unreachable_hub_says_what_to_do(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import; fails fast, no retries
     with pytest.raises(OSError, match="pass a local model folder or .gguf file"):
         load_model("Qwen/Qwen3-0.6B-not-cached")
+
+
+def test_cpu_bf16_support_is_read_from_the_cpu_flags(tmp_path):
+    def cpuinfo(text):
+        path = tmp_path / "cpuinfo"
+        path.write_text(text)
+        return path
+
+    assert cpu_multiplies_bf16(cpuinfo("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")) is True
+    assert cpu_multiplies_bf16(cpuinfo("flags\t\t: fpu avx2 amx_bf16 amx_tile\n")) is True
+    assert cpu_multiplies_bf16(cpuinfo("flags\t\t: fpu sse avx2 fma\n")) is False
+    assert cpu_multiplies_bf16(cpuinfo("processor\t: 0\nFeatures\t: fp asimd bf16\n")) is None  # not x86: cannot tell
+    assert cpu_multiplies_bf16(tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize("native, dtype, warned", [(False, torch.bfloat16, True), (True, torch.bfloat16, False),
+                                                   (None, torch.bfloat16, False), (False, torch.float32, False)])
+def test_bf16_on_a_cpu_without_bf16_products_warns_once(native, dtype, warned, monkeypatch, caplog):
+    monkeypatch.setattr(c2c.models, "cpu_multiplies_bf16", lambda: native)
+    monkeypatch.setattr(c2c.models, "_warned_slow_bf16", False)
+    with caplog.at_level("WARNING", logger="c2c.models"):
+        load_model("tiny-receiver", dtype=dtype)
+        load_model("tiny-receiver", dtype=dtype)
+    messages = [r.getMessage() for r in caplog.records if "bfloat16 on this CPU" in r.getMessage()]
+    assert len(messages) == (1 if warned else 0)
