@@ -25,7 +25,7 @@ from c2c.fuser import CONFIG_NAME, FuserConfig
 from c2c.models import resolve_model_source
 from c2c.paths import repo_path, repo_relative
 from c2c.records import method_records
-from c2c.stats import paired_by_id, wilson_interval
+from c2c.stats import paired_by_id, pgr, wilson_interval
 from c2c.train import train
 from c2c.train_config import load_train_config
 
@@ -127,17 +127,20 @@ def non_embedding_parameters(source: str) -> int:
 
 def pair_row(pair: Pair, out: str | os.PathLike, t2t_out: str | os.PathLike | None, *, benchmark: str) -> dict:
     """One row of the pairs table from the records of ``out`` (receiver, sharer, C2C) and ``t2t_out`` (T2T on a
-    subset, or None): the models and their sizes (non-embedding parameters), accuracies (%) with 95% intervals,
-    C2C - receiver with its paired 95% interval and exact McNemar p, and on the T2T subset T2T - receiver and
-    C2C - T2T the same way."""
+    subset, or None): the models and their sizes (non-embedding parameters), the fuser's ``sharer_mlp_layers`` (0:
+    default C2C, 3: the paper's C2C-C, Table 9), accuracies (%) with 95% intervals, C2C - receiver with its paired 95%
+    interval and exact McNemar p, C2C's PGR ((C2C - receiver) / (sharer - receiver), None when they tie), and on the
+    T2T subset T2T - receiver and C2C - T2T the same way."""
     records = {key: method_records(out, key, benchmark) for key in PAIR_METHODS}
     fuser = FuserConfig.from_json_file(pair.run / "final" / CONFIG_NAME)
     row = {"pair": pair.label, "receiver_model": fuser.receiver, "sharer_model": fuser.sharer,
            "receiver_size": non_embedding_parameters(fuser.receiver), "sharer_size": non_embedding_parameters(fuser.sharer),
-           "benchmark": benchmark, "n": len(records["c2c"])}
+           "sharer_mlp_layers": fuser.sharer_mlp_layers, "benchmark": benchmark, "n": len(records["c2c"])}
     for key in PAIR_METHODS:
         row.update(_accuracy(key, records[key]))
     row.update(_gain("c2c", paired_by_id(records["c2c"], records["receiver"])))
+    recovered = pgr(row["c2c"], row["receiver"], row["sharer"])
+    row["c2c_pgr"] = None if recovered is None else round(100 * recovered, 2)
     if t2t_out is not None:
         t2t = method_records(t2t_out, "t2t", benchmark)
         versus_receiver = paired_by_id(t2t, records["receiver"])

@@ -161,6 +161,14 @@ def _ours_workflow(rows):
     return ", ".join(f"{r['method']} {float(r['accuracy']):.1f}" for r in rows) + f" ({rows[0]['n']} problems)"
 
 
+def _ours_complex(rows):
+    def pgr(value):
+        return f" (PGR {float(value):.0f}%)" if value not in ("", None) else ""
+
+    return "; ".join(f"C2C {float(r['c2c']):.1f}{pgr(r['c2c_pgr'])}, C2C-C {float(r['c2c_complex']):.1f}"
+                     f"{pgr(r['c2c_complex_pgr'])}" for r in rows)
+
+
 def _ours_gates(rows):
     return ", ".join(f"{r['fuser']}: {_pct(r['all_open'])}% open" for r in rows)
 
@@ -204,9 +212,10 @@ ENTRIES: tuple[Entry, ...] = (
           note="held-out loss and, on the knowledge-transfer task, held-out facts; the same notebook scores the variants "
                "of params ablation_eval_runs on a benchmark into ablations_benchmark.csv|md (Table 8's measure; the "
                "small profile's MC-regime variants are configured, not yet trained)"),
-    Entry("Table 9", "Default C2C vs C2C-C with PGR (Qwen3-4B -> Qwen3-0.6B)", kind="later",
-          reason=f"{LATER}: the C2C-C fuser is built (fuser option sharer_mlp_layers: 3) but not yet trained "
-                 "(configs/train_small_mc_complex.yaml, about an hour on the small profile's CPU)", paper="MMLU-Redux: T2T 42.95, C2C 45.92, C2C-C 62.78 (PGR 76%)"),
+    Entry("Table 9", "Default C2C vs C2C-C with PGR (Qwen3-4B -> Qwen3-0.6B)", "16_model_pairs",
+          _both("{results}/complex_fuser"), _figure("complex_fuser"), paper="MMLU-Redux: T2T 42.95, C2C 45.92, C2C-C 62.78 (PGR 76%)",
+          ours=_ours_complex, note="a pair of pair_runs whose fuser has sharer_mlp_layers: 3 beside the pair with the "
+                                   "same models and the default fuser"),
     Entry("Table 10", "Accuracy with one layer enriched", "02_layer_enrichment",
           _both("{results}/layer_enrichment"), _figure("layer_enrichment"),
           paper="layers 4 (58.52) and 16 (58.45) beat Direct (58.42); worst 14 (54.24)", ours=_ours_layers),

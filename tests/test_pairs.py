@@ -101,6 +101,7 @@ def test_a_row_of_the_table_is_computed_from_the_records(tmp_path, tiny_receiver
     assert row["sharer_size"] == non_embedding_parameters("tiny-sharer")
     assert row["c2c_gain"] == 30.0 and row["c2c_gain_p"] == pytest.approx(2 * (1 + 5) / 2**5)  # exact McNemar, 4 vs 1
     assert row["c2c_gain_low"] < 30.0 < row["c2c_gain_high"]
+    assert row["c2c_pgr"] == 60.0 and row["sharer_mlp_layers"] == 0  # (60 - 30) / (80 - 30): default C2C
     # on the first 4 items: T2T 3/4, receiver 3/4 (1 each way), C2C 3/4 (vs T2T: 1 each way)
     assert (row["t2t"], row["t2t_n"], row["t2t_gain"], row["t2t_gain_p"]) == (75.0, 4, 0.0, 1.0)
     assert (row["c2c_minus_t2t"], row["c2c_minus_t2t_p"]) == (0.0, 1.0)
