@@ -57,9 +57,10 @@ import pickle
 import random
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +93,8 @@ from c2c.locks import LOCK_NAME, folder_lock
 from c2c.models import load_model
 from c2c.paths import cache_dir
 from c2c.prefixes import PrefixStore
-from c2c.train_config import TrainConfig, config_differences, load_train_config, parse_args, run_fields
+from c2c.train_config import (FUSER_OPTIONS, TrainConfig, config_differences, load_train_config, parse_args,
+                              run_fields)
 
 logger = logging.getLogger(__name__)
 # the code that determines what a run computes; a change makes its checkpoints and final fuser stale
@@ -760,10 +762,19 @@ def linear_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], floa
     return multiplier
 
 
+USAGE = "usage: python -m c2c.train --config CONFIG.yaml [--key value ...]"
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(argv):
+        keys = ", ".join(key.name for key in fields(TrainConfig))
+        print(f"{USAGE}\n\nTrain a fuser from a training config (configs/*.yaml); --key value overrides one of its keys "
+              f"(fuser.<option> for the fuser's). Keys: {keys}.\nFuser options: {', '.join(FUSER_OPTIONS)}.")
+        return
     config_path, overrides = parse_args(argv)
     if config_path is None:
-        raise SystemExit("usage: python -m c2c.train --config CONFIG.yaml [--key value ...]")
+        raise SystemExit(USAGE)
     train(config_path, overrides=overrides)
 
 

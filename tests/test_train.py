@@ -268,6 +268,15 @@ def test_command_line_entry_point(tmp_path):
         main([])
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_the_keys_and_trains_nothing(flag, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main([flag])
+    shown = capsys.readouterr().out
+    assert shown.startswith("usage: python -m c2c.train --config") and "learning_rate" in shown
+    assert "sharer_mlp_layers" in shown and not any(tmp_path.iterdir())
+
+
 # ---- training does something real ----------------------------------------------------------------
 
 
