@@ -297,8 +297,10 @@ def test_fuser_transfers_knowledge_only_the_sharer_has(tmp_path):
     assert sharer["answer_accuracy"] >= 0.9  # the fine-tuned sharer knows the held-out facts
     assert c2c["held_out_loss"] < receiver["held_out_loss"] - 0.08
     assert c2c["held_out_loss"] < control["held_out_loss"] - 0.08
-    assert c2c["answer_accuracy"] >= receiver["answer_accuracy"] + 0.2
-    assert c2c["answer_accuracy"] >= control["answer_accuracy"] + 0.2
+    def right(row):  # held-out questions answered right (accuracies are fp32 fractions of 30)
+        return round(row["answer_accuracy"] * 30)
+
+    assert right(c2c) >= right(receiver) + 6 and right(c2c) >= right(control) + 6  # >= 0.2 of the 30 held out
     assert load_fuser(tmp_path / "expert" / "final").open_gates().any()
 
 
