@@ -11,8 +11,9 @@ An *interpreter* (the sharer) analyses a word problem and a *solver* (the receiv
   that same prompt.
 
 The paper takes its workflow and prompts from Cognify and prints neither; the prompts here are this project's.
-Every reply is greedy (``max_new_tokens``); its answer is the number after the last "answer is" or "####", else
-its last number (``extract_number``), compared with GSM8K's gold (the number after "####") as a number.
+Every reply is greedy (``max_new_tokens``); its answer is its last ``\\boxed{N}``, else the number after its last
+"answer is" or "####", else its last number (``extract_number``), compared with GSM8K's gold (the number after "####")
+as a number; a reply that reached the cap is marked ``truncated``.
 
 Records: one JSON line per item and method in ``<out>/<method>.jsonl`` (the analyses in ``interpreter.jsonl``,
 shared by ``t2t`` and ``t_c2c``), with ``<out>/<method>.meta.json`` holding what produced them (prompts, caps,
@@ -67,7 +68,9 @@ SOLVER_PROMPT = ("Solve the math word problem below. Reason step by step, then e
 ANALYSIS_BLOCK = "\n\nAnother assistant's analysis of the problem:\n{analysis}"
 
 _NUMBER = r"-?\$?\s*\d[\d,]*(?:\.\d+)?"
-_FINAL = re.compile(r"(?:answer is|####)\s*:?\s*\**\s*(" + _NUMBER + ")", re.IGNORECASE)
+_BOXED = re.compile(r"\\boxed\{\s*(" + _NUMBER + r")\s*\}")  # LaTeX \boxed{N}, as Qwen models end a solution
+# "answer is" / "####", then at most a few characters of punctuation, markup or LaTeX ("is:\n\\[ $") before the number
+_FINAL = re.compile(r"(?:answer is|####)[\s:*$\\\[\]()]{0,12}(" + _NUMBER + ")", re.IGNORECASE)
 _ANY = re.compile(_NUMBER)
 
 
@@ -94,9 +97,9 @@ def normalise_number(text: str) -> str | None:
 
 
 def extract_number(reply: str) -> str | None:
-    """The reply's answer: the number after its last "answer is" / "####", else its last number; None if none."""
-    final = _FINAL.findall(reply)
-    found = final or _ANY.findall(reply)
+    """The reply's answer: its last \\boxed{N}, else the number right after its last "answer is" / "####", else its
+    last number (what a reply cut off by the token cap leaves); None if it holds none."""
+    found = _BOXED.findall(reply) or _FINAL.findall(reply) or _ANY.findall(reply)
     return normalise_number(found[-1]) if found else None
 
 
@@ -371,7 +374,7 @@ def evaluate_workflow(workflow: Workflow, items: Sequence[MathItem], out: str | 
                     predicted = extract_number(text)
                     rows.append({"id": item.id, "gold": item.answer, "predicted": predicted,
                                  "correct": predicted is not None and Decimal(predicted) == Decimal(item.answer),
-                                 "reply": text, "reply_tokens": n})
+                                 "reply": text, "reply_tokens": n, "truncated": n >= workflow.max_new_tokens})
                 return rows
 
             done = _run(out, method, workflow.describe(method), items, batch_size, answer, progress)
@@ -382,7 +385,8 @@ def evaluate_workflow(workflow: Workflow, items: Sequence[MathItem], out: str | 
 
 def workflow_rows(records: dict[str, list[dict]], baseline: str = "single") -> list[dict]:
     """One table row per method: accuracy (%) with its 95% interval, mean seconds per query (the interpreter's
-    included), mean reply tokens, unparsed replies, and the paired difference from ``baseline`` (exact McNemar)."""
+    included), mean reply tokens, replies cut off by the cap, replies without a number, and the paired difference
+    from ``baseline`` (exact McNemar)."""
     rows = []
     for method, recs in records.items():
         n = len(recs)
@@ -394,7 +398,7 @@ def workflow_rows(records: dict[str, list[dict]], baseline: str = "single") -> l
                "accuracy_ci95_low": 100 * low, "accuracy_ci95_high": 100 * high,
                "seconds_per_query": sum(r["seconds"] + r.get("interpreter_seconds", 0.0) for r in recs) / n,
                "reply_tokens": sum(r["reply_tokens"] for r in recs) / n,
-               "unparsed": sum(r["predicted"] is None for r in recs)}
+               "truncated": sum(r["truncated"] for r in recs), "unparsed": sum(r["predicted"] is None for r in recs)}
         if method != baseline and baseline in records:
             comparison = paired_by_id(recs, records[baseline])
             row.update({f"minus_{baseline}": 100 * comparison.difference,

@@ -26,6 +26,10 @@ def test_normalise_number(text, number):
     ("The answer is 12, not 10. Check: 12 - 2 = 10", "12"),  # the announced answer wins over a later number
     ("5 apples and 7 pears make 12 fruits", "12"),  # no announcement: the last number
     ("The answer is **42**", "42"),
+    ("The answer is:\n\\[ \\boxed{540} \\]", "540"),  # Qwen's LaTeX ending
+    ("so 8 + 2 = 10 and \\(\\boxed{1,000}\\) is wrong? No: the answer is 10", "1000"),  # a box wins over the text
+    ("The answer is:\n\\[ 540 \\]", "540"),
+    ("the answer is the number of apples, 7", "7"),  # no number right after "answer is": the last number
     ("I cannot tell.", None),
 ])
 def test_extract_number(reply, number):
@@ -141,6 +145,7 @@ def test_records_resume_and_refuse_another_setup(tmp_path, tiny_receiver, tiny_s
         assert [r["id"] for r in records] == [i.id for i in items[:3]]
         assert all(r["gold"] == i.answer and isinstance(r["correct"], bool) for r, i in zip(records, items))
         assert all(("interpreter_seconds" in r) == (method in ("t2t", "t_c2c")) for r in records)
+        assert all(r["truncated"] == (r["reply_tokens"] >= 6) for r in records)  # the cap: workflow_for's 6 tokens
     calls = []
     real = Workflow.solve
 
@@ -163,7 +168,7 @@ def test_records_resume_and_refuse_another_setup(tmp_path, tiny_receiver, tiny_s
 def test_rows_against_a_hand_computation():
     def recs(correct, seconds, interpreter=None):
         return [{"id": str(i), "correct": c, "predicted": None if c is None else "1", "seconds": seconds,
-                 "reply_tokens": 10, **({"interpreter_seconds": interpreter} if interpreter else {})}
+                 "reply_tokens": 10, "truncated": i == 0, **({"interpreter_seconds": interpreter} if interpreter else {})}
                 for i, c in enumerate(correct)]
 
     single = recs([True, False, False, False], 1.0)
@@ -173,6 +178,6 @@ def test_rows_against_a_hand_computation():
     assert rows["single"]["accuracy"] == 25.0 and "minus_single" not in rows["single"]
     assert rows["t2t"]["accuracy"] == 75.0 and rows["t2t"]["minus_single"] == 50.0
     assert rows["t2t"]["minus_single_p"] == 0.5  # 2 discordant items, both for T2T: 2 * (1/2)^2
-    assert rows["t2t"]["seconds_per_query"] == 5.0 and rows["t2t"]["unparsed"] == 1
+    assert rows["t2t"]["seconds_per_query"] == 5.0 and rows["t2t"]["unparsed"] == 1 and rows["t2t"]["truncated"] == 1
     assert rows["single"]["accuracy_ci95_low"] < 25.0 < rows["single"]["accuracy_ci95_high"]
     assert c2c.workflow.LABELS[rows["t2t"]["method"]].startswith("T2T")
