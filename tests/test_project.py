@@ -5,8 +5,11 @@ import re
 import subprocess
 import sys
 import tomllib
+import warnings
 from pathlib import Path
 
+import nbformat
+import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -131,3 +134,10 @@ def test_every_profile_sets_every_notebook_parameter_and_make_runs_every_noteboo
         assert outputs and all(p.split("/")[1] == profile for p in outputs), (profile, outputs)
     makefile = re.search(r"^NOTEBOOKS := (.*?[^\\])$", (ROOT / "Makefile").read_text(), re.M | re.S).group(1)
     assert sorted(makefile.replace("\\", " ").split()) == [path.stem for path in notebooks]
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
+def test_notebooks_are_valid_nbformat_with_cell_ids(path):
+    """A cell without an id is a warning of nbformat today and an error in its next versions."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nbformat.validate(nbformat.read(path, as_version=4))
