@@ -192,7 +192,10 @@ ENTRIES: tuple[Entry, ...] = (
           note="Routing, where present, is an offline stand-in (c2c.routing: the receiver's confidence in place of "
                "RouteLLM's router)"),
     Entry("Table 5", "LongBench by input length (Qwen2.5-0.5B -> Qwen3-0.6B)", kind="later",
-          reason=f"{LATER}: LongBench-E training and evaluation",
+          reason=f"{LATER}: not built: a LongBench-E loader (THUDM/LongBench, 13 '_e' sets; nothing offline), the random "
+                 "3/4 train, 1/4 held-out split, the long-context training regime (12,000 tokens, 118 steps of 16), "
+                 "the per-dataset metrics and 0-4k / 4-8k / 8k+ buckets; the official per-dataset prompts would come "
+                 "from a file the user supplies (not copied here)",
           paper="C2C 37.31 / 34.01 / 30.72 (0-4k / 4-8k / 8k+) vs T2T 33.46 / 29.70 / 25.64"),
     Entry("Table 6", "Single / Identical / C2C", "04_main_table",
           (*_both("{eval_out}/main_table"), *_both("{results}/training")), _figure("main_table"),
@@ -220,7 +223,9 @@ ENTRIES: tuple[Entry, ...] = (
           _both("{results}/layer_enrichment"), _figure("layer_enrichment"),
           paper="layers 4 (58.52) and 16 (58.45) beat Direct (58.42); worst 14 (54.24)", ours=_ours_layers),
     Entry("Table 11", "Strong sharer on LongBench (Qwen3-4B -> Qwen3-0.6B)", kind="later",
-          reason=f"{LATER}: LongBench-E", paper="average: receiver 27.63, T2T 36.18, C2C 37.97 (PGR 51.01%)"),
+          reason=f"{LATER}: LongBench-E, not built (as Table 5); then a Qwen3-4B -> Qwen3-0.6B fuser in that regime and "
+                 "an average weighted by items (the paper's Average is not the mean of its buckets)",
+          paper="average: receiver 27.63, T2T 36.18, C2C 37.97 (PGR 51.01%)"),
     Entry("Table 12", "Training cost vs accuracy at checkpoints", "15_training_cost",
           _both("{results}/training_cost"), _figure("training_cost"),
           paper="Qwen2.5-0.5B+Qwen3-0.6B: 35.53 (step 0), 44.30 at step 300 (0.87 h, 8 GPUs), 42.92 final (5.59 h)",
@@ -228,7 +233,11 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("Table 13", "One receiver, two sharers", "16_model_pairs", _both("{results}/two_sharers"), _figure("two_sharers"),
           paper="Sharer1 -> R 60.71, Sharer2 -> R 46.13, both 64.60", ours=_ours_two_sharers,
           note="two pairs' separately trained fusers fused in together at inference (params pair_combination)"),
-    Entry("Table 14", "Shared latent projectors", kind="later", reason=f"{LATER}: jointly trained projectors",
+    Entry("Table 14", "Shared latent projectors", kind="later",
+          reason=f"{LATER}: not built: M sharer projectors into one latent space, N receiver fusers reading all M "
+                 "latents with a gate per pair, and a training loop summing the receivers' losses (c2c.train trains one "
+                 "pair); the paper's second sharer is ambiguous (Qwen3-4B-Base in the table, Qwen2.5-Math-1.5B in the "
+                 "text)",
           paper="Qwen3-0.6B: none 34.78, Coder-0.5B 46.07, 4B-Base 51.23, both 51.08"),
     Entry("Table 15", "GSM8K agentic workflow (T-C2C)", "17_gsm8k_workflow", _both("{results}/gsm8k_workflow"),
           _figure("gsm8k_workflow"), paper="single 41.17, T2T 61.18, C2C 62.55, T-C2C 78.01", ours=_ours_workflow,
