@@ -70,7 +70,7 @@ from c2c.checkpoint import PUBLISHED_CONFIG_NAME, load_fuser
 from c2c.fingerprint import code_version
 from c2c.fused import MULTI_SHARER_MODES, C2CModel
 from c2c.fuser import CONFIG_NAME, FuserConfig, random_fuser
-from c2c.jsonl import read_jsonl
+from c2c.jsonl import append_jsonl, read_jsonl
 from c2c.locks import FolderInUseError, folder_lock
 from c2c.methods import (
     C2C,
@@ -225,13 +225,6 @@ def read_records(path: Path) -> list[dict]:
                              "redo it")
         seen.add(record["id"])
     return records
-
-
-def _append(path: Path, records: list[dict]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _flat(meta: dict, prefix: str = "") -> dict:
@@ -412,7 +405,7 @@ def _evaluate_locked(method: Method, items_given: Sequence[MCItem], folder: Path
         for start in range(0, len(pending), batch_size):
             batch = pending[start:start + batch_size]
             records = _answer_records(method, batch, where)
-            _append(records_path, records)
+            append_jsonl(records_path, records)
             done.update((r["id"], r) for r in records)
             bar.update(len(batch))
             ran += records

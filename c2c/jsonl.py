@@ -37,3 +37,11 @@ def read_jsonl(path: str | os.PathLike, *, repair: bool = False, fix: str = "del
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{lineno}: corrupt line ({e}); {fix}") from None
     return records
+
+
+def append_jsonl(path: str | os.PathLike, records: list) -> None:
+    """Append records as JSON lines and sync them to disk (a crash loses at most the batch being written)."""
+    with Path(path).open("a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())

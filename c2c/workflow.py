@@ -40,14 +40,13 @@ from tqdm.auto import tqdm
 from c2c.align import DEFAULT_ALIGNMENT
 from c2c.benchmark_files import is_olmo_request, olmo_docs, read_unit, record_field, record_text, select_units
 from c2c.checkpoint import load_fuser
-from c2c.evaluate import STATIC_CACHE, load_eval_config
+from c2c.evaluate import STATIC_CACHE, _Models, load_eval_config
 from c2c.fingerprint import code_version, fuser_fingerprint, model_fingerprint, tokenizer_fingerprint
-from c2c.fused import C2CModel, generate_from_prefix, left_pad, pad_token_id
+from c2c.fused import C2CModel, check_context, generate_from_prefix, left_pad, pad_token_id
 from c2c.fuser import CONFIG_NAME, FuserConfig
-from c2c.jsonl import read_jsonl
+from c2c.jsonl import append_jsonl, read_jsonl
 from c2c.locks import folder_lock
 from c2c.methods import _check_decoding, _decode_new, _eos_ids, _greedy_kwargs, render_ids
-from c2c.models import load_model
 from c2c.offline import offline_benchmark_path
 from c2c.paths import repo_path
 from c2c.stats import paired_by_id, wilson_interval
@@ -56,6 +55,7 @@ WORKFLOW_METHODS = ("single", "t2t", "c2c", "t_c2c")
 LABELS = {"single": "Single (solver alone)", "t2t": "T2T (interpreter text -> solver)",
           "c2c": "C2C (solver, fused cache)", "t_c2c": "T-C2C (interpreter text + fused cache)"}
 NEEDS_ANALYSIS = {"t2t", "t_c2c"}
+FUSED = {"c2c", "t_c2c"}
 HUB_DATASET = ("openai/gsm8k", "main")  # datasets.load_dataset(*HUB_DATASET, split="test")
 DEFAULT_MAX_NEW_TOKENS = 256
 INTERPRETER = "interpreter"  # the analyses' records
@@ -149,7 +149,7 @@ def load_gsm8k(source: str | os.PathLike | None = "offline", *, split: str = "te
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
     if source == "tiny-fixtures":
-        items = tiny_problems(max(limit or 8, 1))
+        items = tiny_problems(limit or 8)
     elif source in (None, "hub"):
         import datasets  # here, not at the top: importing it takes seconds, and only the hub path needs it
 
@@ -194,9 +194,11 @@ def _chat(text: str) -> list[dict]:
 
 @torch.no_grad()
 def generate_replies(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, *,
-                     static_cache: bool | None = None) -> tuple[list[str], list[int]]:
-    """Greedy replies of one model to single-turn chats (thinking off) and their lengths in tokens."""
+                     static_cache: bool | None = None, who: str = "the model") -> tuple[list[str], list[int]]:
+    """Greedy replies of one model to single-turn chats (thinking off) and their lengths in tokens; a prompt that
+    leaves no room for ``max_new_tokens`` in the model's context raises (naming ``who``)."""
     rows = [render_ids(tokenizer, _chat(p)) for p in prompts]
+    check_context(model.config, max(map(len, rows)), max_new_tokens, who)
     ids, mask = left_pad(rows, pad_token_id(tokenizer), device=model.device)  # (B, T)
     greedy = _greedy_kwargs(model, tokenizer, max_new_tokens)
     sequences = generate_from_prefix(model, ids, mask, static_cache=static_cache, **greedy)  # (B, T + new)
@@ -247,16 +249,20 @@ class Workflow:
                "code": code_version(__name__, "c2c.methods", "c2c.fused", "c2c.align", "c2c.fuser")}
         if method in NEEDS_ANALYSIS:
             out["analysis"] = {"block": ANALYSIS_BLOCK, **self.describe(INTERPRETER)}
-        if method in ("c2c", "t_c2c"):
-            if self.c2c is None:
-                raise ValueError(f"method {method} needs a fuser: build the Workflow with c2c=C2CModel(...)")
-            out["sharers"] = [model_fingerprint(s) for s in self.c2c.sharers]
-            out["fusers"] = [fuser_fingerprint(f) for f in self.c2c.fusers]
+        if method in FUSED:
+            c2c = self._fused(method)
+            out["sharers"] = [model_fingerprint(s) for s in c2c.sharers]
+            out["fusers"] = [fuser_fingerprint(f) for f in c2c.fusers]
         return out
+
+    def _fused(self, method: str) -> C2CModel:
+        if self.c2c is None:
+            raise ValueError(f"method {method} needs a fuser: build the Workflow with c2c=C2CModel(...)")
+        return self.c2c
 
     def analyses(self, items: Sequence[MathItem]) -> tuple[list[str], list[int]]:
         return generate_replies(self.sharer, self.sharer_tokenizer, [interpreter_prompt(i) for i in items],
-                                self.interpreter_max_new_tokens, static_cache=self.static_cache)
+                                self.interpreter_max_new_tokens, static_cache=self.static_cache, who="the interpreter")
 
     def solve(self, method: str, items: Sequence[MathItem],
               analyses: Sequence[str] | None = None) -> tuple[list[str], list[int]]:
@@ -264,19 +270,18 @@ class Workflow:
         if (method in NEEDS_ANALYSIS) != (analyses is not None):
             raise ValueError(f"method {method} {'needs' if method in NEEDS_ANALYSIS else 'takes no'} analyses")
         prompts = [solver_prompt(item, a) for item, a in zip(items, analyses or [None] * len(items))]
-        if method in ("single", "t2t"):
-            return generate_replies(self.receiver, self.receiver_tokenizer, prompts, self.max_new_tokens,
-                                    static_cache=self.static_cache)
-        if self.c2c is None:
-            raise ValueError(f"method {method} needs a fuser: build the Workflow with c2c=C2CModel(...)")
-        return generate_fused(self.c2c, prompts, self.max_new_tokens, static_cache=self.static_cache)
+        if method in FUSED:
+            return generate_fused(self._fused(method), prompts, self.max_new_tokens, static_cache=self.static_cache)
+        return generate_replies(self.receiver, self.receiver_tokenizer, prompts, self.max_new_tokens,
+                                static_cache=self.static_cache, who="the solver")
 
 
 def workflow_from_fuser(fuser_folder: str | os.PathLike, settings: str | os.PathLike | dict, *,
                         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                         interpreter_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Workflow:
     """The workflow of the pair a trained fuser was made for (its ``fuser_config.json`` names the receiver and the
-    sharer), loaded with the ``dtype``, ``device`` and ``static_cache`` of an evaluation config (``settings``)."""
+    sharer), loaded as ``c2c.evaluate`` loads an evaluation's models, with the ``dtype``, ``device``, ``prefix_cache``
+    and ``static_cache`` of an evaluation config (``settings``)."""
     folder = repo_path(fuser_folder)
     if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{folder} holds no trained fuser ({CONFIG_NAME}): train it first (notebook 03, "
@@ -285,13 +290,8 @@ def workflow_from_fuser(fuser_folder: str | os.PathLike, settings: str | os.Path
     if not (config.receiver and config.sharer):
         raise ValueError(f"{folder} does not name the receiver and sharer it was trained for; retrain it")
     cfg = load_eval_config(settings if isinstance(settings, dict) else repo_path(settings))
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"]
-    dtype = getattr(torch, cfg["dtype"]) if isinstance(cfg["dtype"], str) else cfg["dtype"]
-    loaded = []
-    for source in (config.receiver, config.sharer):
-        local = repo_path(source)  # a model folder of this project's (runs/...) is repository-relative
-        loaded.append(load_model(local if local.exists() else source, dtype=dtype, device=device))
-    (receiver, receiver_tokenizer), (sharer, sharer_tokenizer) = loaded
+    models = _Models(cfg)  # as an evaluation loads them (prompt caches on disk where the config keeps them)
+    (receiver, receiver_tokenizer), (sharer, sharer_tokenizer) = models.get(config.receiver), models.get(config.sharer)
     fuser = load_fuser(folder, receiver.config, sharer.config, dtype=receiver.dtype, device=receiver.device)
     c2c = C2CModel(receiver, receiver_tokenizer, [sharer], [sharer_tokenizer], [fuser],
                    alignment=config.alignment or DEFAULT_ALIGNMENT)
@@ -299,13 +299,9 @@ def workflow_from_fuser(fuser_folder: str | os.PathLike, settings: str | os.Path
                     interpreter_max_new_tokens=interpreter_max_new_tokens, static_cache=STATIC_CACHE[cfg["static_cache"]])
 
 
-def _meta_path(out: Path, name: str) -> Path:
-    return out / f"{name}.meta.json"
-
-
 def _check_meta(out: Path, name: str, meta: dict) -> None:
     """Write ``name``'s meta on first use; refuse records made under another one."""
-    path = _meta_path(out, name)
+    path = out / f"{name}.meta.json"
     if not path.exists():
         path.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         return
@@ -314,12 +310,6 @@ def _check_meta(out: Path, name: str, meta: dict) -> None:
     if changed:
         raise ValueError(f"{out / (name + '.jsonl')} was made with other {', '.join(changed)}; "
                          f"delete {out / (name + '.jsonl')} and {path} to redo it, or write to another folder")
-
-
-def _append(path: Path, records: list[dict]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
 
 
 def _run(out: Path, name: str, meta: dict, items: list[MathItem], batch_size: int, answer, progress: bool) -> dict:
@@ -337,7 +327,7 @@ def _run(out: Path, name: str, meta: dict, items: list[MathItem], batch_size: in
         for record in records:
             record["seconds"] = seconds
             done[record["id"]] = record
-        _append(path, records)
+        append_jsonl(path, records)
         bar.update(len(batch))
     bar.close()
     return done
@@ -346,7 +336,8 @@ def _run(out: Path, name: str, meta: dict, items: list[MathItem], batch_size: in
 def evaluate_workflow(workflow: Workflow, items: Sequence[MathItem], out: str | os.PathLike, *,
                       methods: Sequence[str] = WORKFLOW_METHODS, batch_size: int = 4,
                       progress: bool = True) -> dict[str, list[dict]]:
-    """Per-item records of each method (in item order), computed or reused from ``out`` (see the module doc)."""
+    """Per-item records of each method (in item order), computed or reused from ``out`` (see the module doc); those
+    of ``t2t`` and ``t_c2c`` also hold the interpreter's analysis and its seconds per item."""
     unknown = [m for m in methods if m not in WORKFLOW_METHODS]
     if unknown:
         raise ValueError(f"unknown workflow methods {unknown}; known: {', '.join(WORKFLOW_METHODS)}")
@@ -378,7 +369,8 @@ def evaluate_workflow(workflow: Workflow, items: Sequence[MathItem], out: str | 
                 return rows
 
             done = _run(out, method, workflow.describe(method), items, batch_size, answer, progress)
-            records[method] = [{**done[i.id], **({"interpreter_seconds": analyses[i.id]["seconds"]}
+            records[method] = [{**done[i.id], **({"analysis": analyses[i.id]["analysis"],
+                                                  "interpreter_seconds": analyses[i.id]["seconds"]}
                                                  if method in NEEDS_ANALYSIS else {})} for i in items]
     return records
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import c2c.workflow
-from c2c.fused import C2CModel
+from c2c.fused import C2CModel, ContextLengthError
 from c2c.offline import fetch_offline_benchmarks, find_offline_files
 from c2c.workflow import (MathItem, Workflow, evaluate_workflow, extract_number, gold_number, load_gsm8k,
                           normalise_number, solver_prompt, tiny_problems, workflow_from_fuser, workflow_rows)
@@ -134,6 +134,9 @@ def test_solve_checks_its_inputs(tiny_receiver, tiny_sharer):
     with pytest.raises(ValueError, match="c2c needs a fuser"):
         without_fuser.solve("c2c", tiny_problems(1))
     assert solver_prompt(tiny_problems(1)[0], "abc").endswith("analysis of the problem:\nabc")
+    too_long = [MathItem("long", "word " * 1200 + "How many?", "1")]  # the tiny models' context is 1,024 tokens
+    with pytest.raises(ContextLengthError, match="the solver"):
+        workflow.solve("single", too_long)
 
 
 def test_records_resume_and_refuse_another_setup(tmp_path, tiny_receiver, tiny_sharer, monkeypatch):
@@ -144,7 +147,7 @@ def test_records_resume_and_refuse_another_setup(tmp_path, tiny_receiver, tiny_s
     for method, records in first.items():
         assert [r["id"] for r in records] == [i.id for i in items[:3]]
         assert all(r["gold"] == i.answer and isinstance(r["correct"], bool) for r, i in zip(records, items))
-        assert all(("interpreter_seconds" in r) == (method in ("t2t", "t_c2c")) for r in records)
+        assert all(("interpreter_seconds" in r) == ("analysis" in r) == (method in ("t2t", "t_c2c")) for r in records)
         assert all(r["truncated"] == (r["reply_tokens"] >= 6) for r in records)  # the cap: workflow_for's 6 tokens
     calls = []
     real = Workflow.solve
