@@ -24,31 +24,20 @@ under anything else it refuses and says what changed. ``workflow_rows`` turns th
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
-from c2c.align import DEFAULT_ALIGNMENT
 from c2c.benchmark_files import is_olmo_request, olmo_docs, read_unit, record_field, record_text, select_units
-from c2c.checkpoint import load_fuser
-from c2c.evaluate import STATIC_CACHE, _Models, load_eval_config
 from c2c.fingerprint import code_version, fuser_fingerprint, model_fingerprint, tokenizer_fingerprint
-from c2c.fused import C2CModel, check_context, generate_from_prefix, left_pad, pad_token_id
-from c2c.fuser import CONFIG_NAME, FuserConfig
-from c2c.jsonl import append_jsonl, read_jsonl
+from c2c.fused import C2CModel
 from c2c.locks import folder_lock
-from c2c.methods import _check_decoding, _decode_new, _eos_ids, _greedy_kwargs, render_ids
 from c2c.offline import offline_benchmark_path
-from c2c.paths import repo_path
+from c2c.replies import generate_fused, generate_replies, pair_from_fuser, run_items
 from c2c.stats import paired_by_id, wilson_interval
 
 WORKFLOW_METHODS = ("single", "t2t", "c2c", "t_c2c")
@@ -188,36 +177,6 @@ def solver_prompt(item: MathItem, analysis: str | None = None) -> str:
     return text + ANALYSIS_BLOCK.format(analysis=analysis) if analysis is not None else text
 
 
-def _chat(text: str) -> list[dict]:
-    return [{"role": "user", "content": text}]
-
-
-@torch.no_grad()
-def generate_replies(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, *,
-                     static_cache: bool | None = None, who: str = "the model") -> tuple[list[str], list[int]]:
-    """Greedy replies of one model to single-turn chats (thinking off) and their lengths in tokens; a prompt that
-    leaves no room for ``max_new_tokens`` in the model's context raises (naming ``who``)."""
-    rows = [render_ids(tokenizer, _chat(p)) for p in prompts]
-    check_context(model.config, max(map(len, rows)), max_new_tokens, who)
-    ids, mask = left_pad(rows, pad_token_id(tokenizer), device=model.device)  # (B, T)
-    greedy = _greedy_kwargs(model, tokenizer, max_new_tokens)
-    sequences = generate_from_prefix(model, ids, mask, static_cache=static_cache, **greedy)  # (B, T + new)
-    _check_decoding(greedy)
-    return _decode_new(tokenizer, sequences[:, ids.shape[1]:], _eos_ids(model, tokenizer))
-
-
-@torch.no_grad()
-def generate_fused(c2c: C2CModel, prompts: Sequence[str], max_new_tokens: int, *,
-                   static_cache: bool | None = None) -> tuple[list[str], list[int]]:
-    """Greedy replies of the receiver from its cache of each chat fused with the sharers' caches of the same chat."""
-    inputs = c2c.prepare([_chat(p) for p in prompts]).to(c2c.receiver.device)
-    greedy = _greedy_kwargs(c2c.receiver, c2c.receiver_tokenizer, max_new_tokens)
-    sequences = c2c.generate(inputs, static_cache=static_cache, **greedy)  # (B, T + new)
-    _check_decoding(greedy)
-    return _decode_new(c2c.receiver_tokenizer, sequences[:, inputs.input_ids.shape[1]:],
-                       _eos_ids(c2c.receiver, c2c.receiver_tokenizer))
-
-
 # --------------------------------------------------------------------------- the workflow
 
 
@@ -240,13 +199,13 @@ class Workflow:
         if method == INTERPRETER:
             return {"prompt": INTERPRETER_PROMPT, "max_new_tokens": self.interpreter_max_new_tokens,
                     "sharer": model_fingerprint(self.sharer), "sharer_tokenizer": tokenizer_fingerprint(self.sharer_tokenizer),
-                    "code": code_version(__name__, "c2c.methods", "c2c.fused")}
+                    "code": code_version(__name__, "c2c.replies", "c2c.methods", "c2c.fused")}
         if method not in WORKFLOW_METHODS:
             raise ValueError(f"unknown workflow method {method!r}; known: {', '.join(WORKFLOW_METHODS)}")
         out = {"method": method, "prompt": SOLVER_PROMPT, "max_new_tokens": self.max_new_tokens,
                "receiver": model_fingerprint(self.receiver),
                "receiver_tokenizer": tokenizer_fingerprint(self.receiver_tokenizer),
-               "code": code_version(__name__, "c2c.methods", "c2c.fused", "c2c.align", "c2c.fuser")}
+               "code": code_version(__name__, "c2c.replies", "c2c.methods", "c2c.fused", "c2c.align", "c2c.fuser")}
         if method in NEEDS_ANALYSIS:
             out["analysis"] = {"block": ANALYSIS_BLOCK, **self.describe(INTERPRETER)}
         if method in FUSED:
@@ -279,58 +238,10 @@ class Workflow:
 def workflow_from_fuser(fuser_folder: str | os.PathLike, settings: str | os.PathLike | dict, *,
                         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                         interpreter_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Workflow:
-    """The workflow of the pair a trained fuser was made for (its ``fuser_config.json`` names the receiver and the
-    sharer), loaded as ``c2c.evaluate`` loads an evaluation's models, with the ``dtype``, ``device``, ``prefix_cache``
-    and ``static_cache`` of an evaluation config (``settings``)."""
-    folder = repo_path(fuser_folder)
-    if not (folder / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{folder} holds no trained fuser ({CONFIG_NAME}): train it first (notebook 03, "
-                                "`make 03_train_fuser PROFILE=<profile>`, or python -m c2c.train)")
-    config = FuserConfig.from_json_file(folder / CONFIG_NAME)
-    if not (config.receiver and config.sharer):
-        raise ValueError(f"{folder} does not name the receiver and sharer it was trained for; retrain it")
-    cfg = load_eval_config(settings if isinstance(settings, dict) else repo_path(settings))
-    models = _Models(cfg)  # as an evaluation loads them (prompt caches on disk where the config keeps them)
-    (receiver, receiver_tokenizer), (sharer, sharer_tokenizer) = models.get(config.receiver), models.get(config.sharer)
-    fuser = load_fuser(folder, receiver.config, sharer.config, dtype=receiver.dtype, device=receiver.device)
-    c2c = C2CModel(receiver, receiver_tokenizer, [sharer], [sharer_tokenizer], [fuser],
-                   alignment=config.alignment or DEFAULT_ALIGNMENT)
-    return Workflow(receiver, receiver_tokenizer, sharer, sharer_tokenizer, c2c, max_new_tokens=max_new_tokens,
-                    interpreter_max_new_tokens=interpreter_max_new_tokens, static_cache=STATIC_CACHE[cfg["static_cache"]])
-
-
-def _check_meta(out: Path, name: str, meta: dict) -> None:
-    """Write ``name``'s meta on first use; refuse records made under another one."""
-    path = out / f"{name}.meta.json"
-    if not path.exists():
-        path.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        return
-    old = json.loads(path.read_text(encoding="utf-8"))
-    changed = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
-    if changed:
-        raise ValueError(f"{out / (name + '.jsonl')} was made with other {', '.join(changed)}; "
-                         f"delete {out / (name + '.jsonl')} and {path} to redo it, or write to another folder")
-
-
-def _run(out: Path, name: str, meta: dict, items: list[MathItem], batch_size: int, answer, progress: bool) -> dict:
-    """Records of ``name`` by id, computing the missing items' in batches (``answer(batch) -> records``)."""
-    _check_meta(out, name, meta)
-    path = out / f"{name}.jsonl"
-    done = {r["id"]: r for r in read_jsonl(path, repair=True)}
-    pending = [item for item in items if item.id not in done]
-    bar = tqdm(total=len(items), initial=len(items) - len(pending), desc=name, disable=not progress)
-    for start in range(0, len(pending), batch_size):
-        batch = pending[start:start + batch_size]
-        began = time.perf_counter()
-        records = answer(batch)
-        seconds = (time.perf_counter() - began) / len(batch)
-        for record in records:
-            record["seconds"] = seconds
-            done[record["id"]] = record
-        append_jsonl(path, records)
-        bar.update(len(batch))
-    bar.close()
-    return done
+    """The workflow of the pair a trained fuser was made for (``c2c.replies.pair_from_fuser``: its models loaded as
+    ``c2c.evaluate`` loads an evaluation's, with the settings of an evaluation config)."""
+    return Workflow(**pair_from_fuser(fuser_folder, settings), max_new_tokens=max_new_tokens,
+                    interpreter_max_new_tokens=interpreter_max_new_tokens)
 
 
 def evaluate_workflow(workflow: Workflow, items: Sequence[MathItem], out: str | os.PathLike, *,
@@ -341,8 +252,6 @@ def evaluate_workflow(workflow: Workflow, items: Sequence[MathItem], out: str | 
     unknown = [m for m in methods if m not in WORKFLOW_METHODS]
     if unknown:
         raise ValueError(f"unknown workflow methods {unknown}; known: {', '.join(WORKFLOW_METHODS)}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     items = list(items)
     if len({i.id for i in items}) != len(items):
         raise ValueError("two GSM8K items share an id")
@@ -354,7 +263,7 @@ def evaluate_workflow(workflow: Workflow, items: Sequence[MathItem], out: str | 
                 texts, counts = workflow.analyses(batch)
                 return [{"id": i.id, "analysis": t, "analysis_tokens": n} for i, t, n in zip(batch, texts, counts)]
 
-            analyses = _run(out, INTERPRETER, workflow.describe(INTERPRETER), items, batch_size, interpret, progress)
+            analyses = run_items(out, INTERPRETER, workflow.describe(INTERPRETER), items, batch_size, interpret, progress)
         records = {}
         for method in methods:
             def answer(batch, method=method):
@@ -368,7 +277,7 @@ def evaluate_workflow(workflow: Workflow, items: Sequence[MathItem], out: str | 
                                  "reply": text, "reply_tokens": n, "truncated": n >= workflow.max_new_tokens})
                 return rows
 
-            done = _run(out, method, workflow.describe(method), items, batch_size, answer, progress)
+            done = run_items(out, method, workflow.describe(method), items, batch_size, answer, progress)
             records[method] = [{**done[i.id], **({"analysis": analyses[i.id]["analysis"],
                                                   "interpreter_seconds": analyses[i.id]["seconds"]}
                                                  if method in NEEDS_ANALYSIS else {})} for i in items]
