@@ -405,6 +405,14 @@ def _cell(value) -> str:
     return str(value)
 
 
+def markdown_table(rows: Sequence[dict]) -> str:
+    """Rows (dicts; columns = the union of keys, in first-seen order) as a markdown table (floats to 4 places)."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)).replace("|", "\\|") for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def write_table(rows: Sequence[dict], path_stem: str | Path) -> tuple[Path, Path]:
     """Write rows (dicts; columns = the union of keys, in first-seen order) to ``<stem>.csv`` and ``<stem>.md``."""
     rows = list(rows)
@@ -418,7 +426,5 @@ def write_table(rows: Sequence[dict], path_stem: str | Path) -> tuple[Path, Path
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows({c: "" if row.get(c) is None else row.get(c) for c in columns} for row in rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c)).replace("|", "\\|") for c in columns) + " |" for row in rows]
-    md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    md_path.write_text(markdown_table(rows), encoding="utf-8")
     return csv_path, md_path

@@ -9,7 +9,8 @@ row a status:
 * ``reproduced``: computed in the paper profile with the paper's models and data for that item;
 * ``stand-in``: the same analysis on this profile's models and data;
 * ``schematic``: a diagram, nothing to compute;
-* ``not run``: with the reason: later work (issue 17) or, for a computed item, the files it lacks.
+* ``not run``: with the reason: later work (issue 17), the reason its notebook gave for not running in this
+  profile (``results/<profile>/not_run/<notebook>.txt``) or, for a computed item, the files it lacks.
 
 A stand-in's ``reason`` column holds its note (how it differs from the paper's item), if it has one.
 
@@ -157,6 +158,14 @@ def _ours_two_sharers(rows):
     return ", ".join(f"{r['row']} {float(r['accuracy']):.1f}" for r in rows if r["row"].startswith(("receiver", "C2C")))
 
 
+def _ours_longbench(rows):
+    def value(row, method):
+        return f"{float(row[method]):.2f}" if row.get(method) not in (None, "") else "-"
+
+    return "; ".join(f"{row['bucket']}: receiver {value(row, 'receiver')}, T2T {value(row, 't2t')}, "
+                     f"C2C {value(row, 'c2c')}" for row in rows)
+
+
 def _ours_workflow(rows):
     return ", ".join(f"{r['method']} {float(r['accuracy']):.1f}" for r in rows) + f" ({rows[0]['n']} problems)"
 
@@ -191,12 +200,12 @@ ENTRIES: tuple[Entry, ...] = (
           ours=_ours_main, paper_profile_reproduces=True,
           note="Routing, where present, is an offline stand-in (c2c.routing: the receiver's confidence in place of "
                "RouteLLM's router)"),
-    Entry("Table 5", "LongBench by input length (Qwen2.5-0.5B -> Qwen3-0.6B)", kind="later",
-          reason=f"{LATER}: not built: a LongBench-E loader (THUDM/LongBench, 13 '_e' sets; nothing offline), the random "
-                 "3/4 train, 1/4 held-out split, the long-context training regime (12,000 tokens, 118 steps of 16), "
-                 "the per-dataset metrics and 0-4k / 4-8k / 8k+ buckets; the official per-dataset prompts would come "
-                 "from a file the user supplies (not copied here)",
-          paper="C2C 37.31 / 34.01 / 30.72 (0-4k / 4-8k / 8k+) vs T2T 33.46 / 29.70 / 25.64"),
+    Entry("Table 5", "LongBench by input length (Qwen2.5-0.5B -> Qwen3-0.6B)", "18_longbench",
+          _both("{results}/longbench_table5") + _both("{results}/longbench_table5_datasets"), _figure("longbench_table5"),
+          paper="C2C 37.31 / 34.01 / 30.72 (0-4k / 4-8k / 8k+) vs T2T 33.46 / 29.70 / 25.64", ours=_ours_longbench,
+          paper_profile_reproduces=True,
+          note="this project's prompts unless params longbench_prompts names LongBench's official file; the split is "
+               "per sub-dataset; metrics written from LongBench's definitions (c2c.longbench)"),
     Entry("Table 6", "Single / Identical / C2C", "04_main_table",
           (*_both("{eval_out}/main_table"), *_both("{results}/training")), _figure("main_table"),
           paper="mean of 4: Single 41.52, Identical 46.41, C2C 47.95", ours=_ours_sources,
@@ -222,10 +231,11 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("Table 10", "Accuracy with one layer enriched", "02_layer_enrichment",
           _both("{results}/layer_enrichment"), _figure("layer_enrichment"),
           paper="layers 4 (58.52) and 16 (58.45) beat Direct (58.42); worst 14 (54.24)", ours=_ours_layers),
-    Entry("Table 11", "Strong sharer on LongBench (Qwen3-4B -> Qwen3-0.6B)", kind="later",
-          reason=f"{LATER}: LongBench-E, not built (as Table 5); then a Qwen3-4B -> Qwen3-0.6B fuser in that regime and "
-                 "an average weighted by items (the paper's Average is not the mean of its buckets)",
-          paper="average: receiver 27.63, T2T 36.18, C2C 37.97 (PGR 51.01%)"),
+    Entry("Table 11", "Strong sharer on LongBench (Qwen3-4B -> Qwen3-0.6B)", "18_longbench",
+          _both("{results}/longbench_table11") + _both("{results}/longbench_table11_datasets"),
+          _figure("longbench_table11"), paper="average: receiver 27.63, T2T 36.18, C2C 37.97 (PGR 51.01%)",
+          ours=_ours_longbench, paper_profile_reproduces=True,
+          note="as Table 5 (notebook 18); the Average counts every held-out item once"),
     Entry("Table 12", "Training cost vs accuracy at checkpoints", "15_training_cost",
           _both("{results}/training_cost"), _figure("training_cost"),
           paper="Qwen2.5-0.5B+Qwen3-0.6B: 35.53 (step 0), 44.30 at step 300 (0.87 h, 8 GPUs), 42.92 final (5.59 h)",
@@ -305,6 +315,10 @@ def build_index(profile: str, eval_out: str, root: str | os.PathLike) -> list[di
             status, reason = "schematic", "nothing to compute"
         elif entry.kind == "later":
             status, reason = "not run", entry.reason
+        elif missing and (root / places["results"] / "not_run" / f"{entry.notebook}.txt").is_file():
+            status = "not run"
+            reason = (f"not run in the {profile} profile: "
+                      + (root / places["results"] / "not_run" / f"{entry.notebook}.txt").read_text(encoding="utf-8").strip())
         elif missing:
             status, reason = "not run", f"not produced yet: {', '.join(missing)} (run notebook {entry.notebook})"
         else:

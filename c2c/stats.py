@@ -4,9 +4,11 @@ Every comparison in the tables is *paired*: two methods answered the same items,
 the items on which they disagree. Plain Python (exact binomial sums with integers), no SciPy.
 
 * ``wilson_interval(k, n)``: 95% interval of an accuracy (Wilson score; well behaved near 0 and 1).
-* ``paired_comparison(a, b)``: difference of two methods' accuracies on the same items, its 95%
-  interval (Wald on the per-item differences), the discordant counts and the exact two-sided
-  McNemar p-value (a binomial test on the discordant items).
+* ``mean_interval(scores)``: 95% interval of a mean score in [0, 1] (normal approximation, clipped to [0, 1]).
+* ``paired_comparison(a, b)``: difference of two methods' mean scores on the same items (correctness,
+  or scores in [0, 1] such as LongBench's F1), its 95% interval (Wald on the per-item differences), the
+  counts of items each scores higher on and the exact two-sided binomial test on those items: McNemar's
+  test for correctness, the sign test for scores.
 * ``paired_by_id(records_a, records_b)``: the same on the items both per-item record lists hold (by ``id``).
 * ``pgr(method, weak, strong)``: performance gap recovered, (method - weak) / (strong - weak), the
   paper's PGR with the receiver as the weak and the sharer as the strong model.
@@ -33,6 +35,17 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def mean_interval(scores: Sequence[float], z: float = Z95) -> tuple[float, float]:
+    """The normal-approximation interval of the mean of ``scores`` in [0, 1] (mean +- z x sample sd / sqrt(n)),
+    clipped to [0, 1]."""
+    n = len(scores)
+    if n == 0:
+        raise ValueError("an interval needs at least one item")
+    mean = sum(scores) / n
+    half = z * math.sqrt(sum((x - mean) ** 2 for x in scores) / (n - 1) / n) if n > 1 else 0.0
+    return max(0.0, mean - half), min(1.0, mean + half)
+
+
 def binomial_two_sided_p(k: int, n: int) -> float:
     """Exact two-sided p-value of k successes in n fair coin flips: P(X <= min) + P(X >= max), capped at 1."""
     if n == 0:
@@ -47,44 +60,44 @@ class PairedComparison:
     """Method a against method b on the same n items."""
 
     n: int
-    accuracy_a: float
+    accuracy_a: float  # a's mean score (its accuracy, for correctness)
     accuracy_b: float
     difference: float  # accuracy_a - accuracy_b
     interval: tuple[float, float]  # 95% interval of the difference
-    a_only: int  # items a answers correctly and b does not
+    a_only: int  # items a scores higher on (answers correctly and b does not)
     b_only: int
-    p_value: float  # exact McNemar (two-sided)
+    p_value: float  # exact McNemar / sign test (two-sided)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def paired_comparison(a: Sequence[bool], b: Sequence[bool], z: float = Z95) -> PairedComparison:
-    """Compare per-item correctness of two methods on the same items (same order)."""
+def paired_comparison(a: Sequence[bool | float], b: Sequence[bool | float], z: float = Z95) -> PairedComparison:
+    """Compare per-item correctness (or scores in [0, 1]) of two methods on the same items (same order)."""
     if len(a) != len(b):
         raise ValueError(f"paired comparison needs the same items: {len(a)} vs {len(b)} results")
     n = len(a)
     if n == 0:
         raise ValueError("paired comparison of zero items")
-    a_only = sum(1 for x, y in zip(a, b) if x and not y)
-    b_only = sum(1 for x, y in zip(a, b) if y and not x)
-    difference = (a_only - b_only) / n
-    # per-item differences d_i in {-1, 0, 1}: mean = difference, variance from the discordant share
-    variance = ((a_only + b_only) / n - difference**2) / n
+    differences = [float(x) - float(y) for x, y in zip(a, b)]  # in {-1, 0, 1} for correctness
+    a_only = sum(d > 0 for d in differences)
+    b_only = sum(d < 0 for d in differences)
+    difference = sum(differences) / n
+    variance = (sum(d * d for d in differences) / n - difference**2) / n
     half = z * math.sqrt(max(variance, 0.0))
-    return PairedComparison(n, sum(map(bool, a)) / n, sum(map(bool, b)) / n, difference,
+    return PairedComparison(n, sum(map(float, a)) / n, sum(map(float, b)) / n, difference,
                             (difference - half, difference + half), a_only, b_only,
                             binomial_two_sided_p(a_only, a_only + b_only))
 
 
-def paired_by_id(records_a: Sequence[dict], records_b: Sequence[dict]) -> PairedComparison | None:
-    """``paired_comparison`` of two methods' per-item records (``{"id", "correct", ...}``) on the items both hold,
-    in a's order; None when they share no item (e.g. runs on different subsets)."""
-    correct_b = {r["id"]: bool(r["correct"]) for r in records_b}
-    common = [r for r in records_a if r["id"] in correct_b]
+def paired_by_id(records_a: Sequence[dict], records_b: Sequence[dict], field: str = "correct") -> PairedComparison | None:
+    """``paired_comparison`` of two methods' per-item records (``{"id", field, ...}``, ``field`` their correctness
+    or score) on the items both hold, in a's order; None when they share no item (e.g. runs on different subsets)."""
+    score_b = {r["id"]: r[field] for r in records_b}
+    common = [r for r in records_a if r["id"] in score_b]
     if not common:
         return None
-    return paired_comparison([bool(r["correct"]) for r in common], [correct_b[r["id"]] for r in common])
+    return paired_comparison([r[field] for r in common], [score_b[r["id"]] for r in common])
 
 
 def pgr(method: float, weak: float, strong: float) -> float | None:

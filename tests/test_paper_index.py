@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 from c2c.oracle import write_table
-from c2c.paper_index import ENTRIES, _ours_ablation, _ours_sources, build_index, write_index
+from c2c.paper_index import ENTRIES, _ours_ablation, _ours_longbench, _ours_sources, build_index, write_index
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,8 +27,8 @@ def test_every_table_and_figure_of_the_paper_once():
 
 def test_status_follows_the_files(tmp_path):
     rows = {r["item"]: r for r in build_index("tiny", "results/tiny", tmp_path)}
-    assert rows["Figure 1"]["status"] == "schematic" and rows["Table 5"]["status"] == "not run"
-    assert "issue 17" in rows["Table 5"]["reason"]
+    assert rows["Figure 1"]["status"] == "schematic" and rows["Table 14"]["status"] == "not run"
+    assert "issue 17" in rows["Table 14"]["reason"]
     table1 = rows["Table 1"]
     assert table1["status"] == "not run" and "results/tiny/oracle_cache_enrichment.csv" in table1["reason"]
     assert table1["results"] == table1["figures"] == ""  # never a file that is not there
@@ -77,3 +77,22 @@ def test_the_table_6_row_names_each_of_single_identical_and_c2c_or_says_not_run(
     tiny = [{"method": "c2c_generate", "average": "20.0"}, {"method": "c2c_logits", "average": "25.0"},
             {"method": "single", "average": "22.5"}]
     assert _ours_sources(tiny) == "Single 22.5, Identical not run, C2C 20.0 (average accuracy)"
+
+
+def test_a_notebook_that_does_not_run_in_a_profile_gives_its_reason(tmp_path):
+    rows = {r["item"]: r for r in build_index("small", "results/small", tmp_path)}
+    assert rows["Table 5"]["reason"].startswith("not produced yet: results/small/longbench_table5.csv")
+    (tmp_path / "results/small/not_run").mkdir(parents=True)
+    (tmp_path / "results/small/not_run/18_longbench.txt").write_text("no LongBench offline\n")
+    rows = {r["item"]: r for r in build_index("small", "results/small", tmp_path)}
+    for item in ("Table 5", "Table 11"):
+        assert rows[item]["status"] == "not run"
+        assert rows[item]["reason"] == "not run in the small profile: no LongBench offline"
+    assert rows["Table 1"]["reason"].startswith("not produced yet")  # another notebook's marker only
+
+
+def test_the_longbench_rows_name_every_bucket():
+    rows = [{"bucket": "0-4k", "receiver": "30.5", "t2t": "33.46", "c2c": "37.3"},
+            {"bucket": "8k+", "receiver": "", "t2t": "", "c2c": ""}]
+    assert _ours_longbench(rows) == ("0-4k: receiver 30.50, T2T 33.46, C2C 37.30; "
+                                     "8k+: receiver -, T2T -, C2C -")

@@ -5,7 +5,7 @@ import random
 import pytest
 from scipy import stats as scipy_stats
 
-from c2c.stats import binomial_two_sided_p, paired_by_id, paired_comparison, pgr, wilson_interval
+from c2c.stats import Z95, binomial_two_sided_p, mean_interval, paired_by_id, paired_comparison, pgr, wilson_interval
 
 
 @pytest.mark.parametrize("k,n", [(0, 10), (3, 10), (10, 10), (51, 100), (290, 1172), (1, 1)])
@@ -55,3 +55,18 @@ def test_paired_by_id_compares_only_the_items_both_answered_in_the_first_order()
     assert (c.n, c.a_only, c.b_only) == (2, 1, 0)  # x: both right; z: only a; y and w: one side only, left out
     assert c == paired_comparison([True, True], [True, False])
     assert paired_by_id(a, [{"id": "w", "correct": True}]) is None
+
+
+def test_mean_interval_against_a_hand_computation():
+    low, high = mean_interval([0.25, 0.5, 0.75])  # mean 0.5, sample sd 0.25
+    assert low == pytest.approx(0.5 - Z95 * 0.25 / 3**0.5) and high == pytest.approx(0.5 + Z95 * 0.25 / 3**0.5)
+    assert mean_interval([0.25]) == (0.25, 0.25)
+    assert mean_interval([0.0] * 12 + [1.0])[0] == 0.0  # the normal interval would reach below 0
+    with pytest.raises(ValueError, match="at least one item"):
+        mean_interval([])
+
+
+def test_paired_comparison_of_scores_is_a_sign_test():
+    result = paired_comparison([0.5, 1.0, 0.2, 0.3], [0.25, 0.0, 0.2, 0.6])
+    assert result.a_only == 2 and result.b_only == 1 and result.difference == pytest.approx((0.25 + 1.0 - 0.3) / 4)
+    assert result.p_value == 1.0 and result.accuracy_a == pytest.approx(0.5)
