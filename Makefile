@@ -55,7 +55,7 @@ endif
 
 NOTEBOOKS := 00_quickstart 01_oracle_cache_enrichment 02_layer_enrichment 03_train_fuser 04_main_table 05_latency 06_tsne \
              07_ablations 08_knowledge_transfer 09_recipe_variants 10_effective_rank 11_phase_timing 12_answer_overlap \
-             13_mmlu_subcategories 14_fused_fraction 15_training_cost 16_model_pairs 17_gsm8k_workflow 18_longbench 99_paper_index
+             13_mmlu_subcategories 14_fused_fraction 15_training_cost 16_model_pairs 17_gsm8k_workflow 18_longbench 19_latent_projectors 99_paper_index
 .PHONY: $(NOTEBOOKS)
 EXECUTED := results/$(PROFILE)/notebooks
 PROFILE_INPUTS := $(if $(filter small,$(PROFILE)),models-small data-offline)

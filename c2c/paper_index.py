@@ -9,8 +9,8 @@ row a status:
 * ``reproduced``: computed in the paper profile with the paper's models and data for that item;
 * ``stand-in``: the same analysis on this profile's models and data;
 * ``schematic``: a diagram, nothing to compute;
-* ``not run``: with the reason: later work (issue 17), the reason its notebook gave for not running in this
-  profile (``results/<profile>/not_run/<notebook>.txt``) or, for a computed item, the files it lacks.
+* ``not run``: with the reason its notebook gave for not running in this profile
+  (``results/<profile>/not_run/<notebook>.txt``), or else the files it lacks.
 
 A stand-in's ``reason`` column holds its note (how it differs from the paper's item), if it has one.
 
@@ -28,9 +28,6 @@ from pathlib import Path
 
 from c2c.oracle import write_table
 
-LATER = "issue 17"
-
-
 @dataclass(frozen=True)
 class Entry:
     """One table or figure of the paper."""
@@ -40,8 +37,7 @@ class Entry:
     notebook: str | None = None  # the notebook's stem, None if nothing is computed
     results: tuple[str, ...] = ()  # result tables (CSV and MD), path templates
     figures: tuple[str, ...] = ()  # figures (PNG and PDF), path templates
-    kind: str = "computed"  # computed | schematic | later
-    reason: str = ""  # why a "later" entry is not run
+    kind: str = "computed"  # computed | schematic
     note: str = ""  # how a stand-in differs from the paper's item
     paper: str = ""  # the paper's headline number(s)
     ours: Callable[[list[dict]], str] | None = None  # our headline, from the rows of the first result CSV
@@ -166,6 +162,12 @@ def _ours_longbench(rows):
                      f"C2C {value(row, 'c2c')}" for row in rows)
 
 
+def _ours_latent(rows):
+    receivers = [k for k in rows[0] if k != "sharers" and not k.endswith(("_low", "_high", "_n", "_gain", "_gain_p"))]
+    return "; ".join(f"{receiver}: " + ", ".join(f"{row['sharers']} {float(row[receiver]):.1f}" for row in rows)
+                     for receiver in receivers)
+
+
 def _ours_workflow(rows):
     return ", ".join(f"{r['method']} {float(r['accuracy']):.1f}" for r in rows) + f" ({rows[0]['n']} problems)"
 
@@ -243,12 +245,13 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("Table 13", "One receiver, two sharers", "16_model_pairs", _both("{results}/two_sharers"), _figure("two_sharers"),
           paper="Sharer1 -> R 60.71, Sharer2 -> R 46.13, both 64.60", ours=_ours_two_sharers,
           note="two pairs' separately trained fusers fused in together at inference (params pair_combination)"),
-    Entry("Table 14", "Shared latent projectors", kind="later",
-          reason=f"{LATER}: not built: M sharer projectors into one latent space, N receiver fusers reading all M "
-                 "latents with a gate per pair, and a training loop summing the receivers' losses (c2c.train trains one "
-                 "pair); the paper's second sharer is ambiguous (Qwen3-4B-Base in the table, Qwen2.5-Math-1.5B in the "
-                 "text)",
-          paper="Qwen3-0.6B: none 34.78, Coder-0.5B 46.07, 4B-Base 51.23, both 51.08"),
+    Entry("Table 14", "Shared latent projectors", "19_latent_projectors", _both("{results}/latent_projectors"),
+          _figure("latent_projectors"), paper="Qwen3-0.6B: none 34.78, Coder-0.5B 46.07, 4B-Base 51.23, both 51.08",
+          ours=_ours_latent, paper_profile_reproduces=True,
+          note="c2c.latent: linear sharer projectors into one latent space, one fuser per receiver with a gate per "
+               "pair, trained jointly (receivers' losses summed); several sharers' terms are summed (our reading); "
+               "the paper's second sharer is ambiguous (Qwen3-4B-Base in the table, used here; Qwen2.5-Math-1.5B in "
+               "the text)"),
     Entry("Table 15", "GSM8K agentic workflow (T-C2C)", "17_gsm8k_workflow", _both("{results}/gsm8k_workflow"),
           _figure("gsm8k_workflow"), paper="single 41.17, T2T 61.18, C2C 62.55, T-C2C 78.01", ours=_ours_workflow,
           note="the paper prints neither its interpreter model, its fuser's data nor its prompts and caps: ours are "
@@ -313,8 +316,6 @@ def build_index(profile: str, eval_out: str, root: str | os.PathLike) -> list[di
         missing = [f for f in results + figures if not (root / f).is_file()]
         if entry.kind == "schematic":
             status, reason = "schematic", "nothing to compute"
-        elif entry.kind == "later":
-            status, reason = "not run", entry.reason
         elif missing and (root / places["results"] / "not_run" / f"{entry.notebook}.txt").is_file():
             status = "not run"
             reason = (f"not run in the {profile} profile: "

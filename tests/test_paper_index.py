@@ -4,7 +4,8 @@ import re
 from pathlib import Path
 
 from c2c.oracle import write_table
-from c2c.paper_index import ENTRIES, _ours_ablation, _ours_longbench, _ours_sources, build_index, write_index
+from c2c.paper_index import (ENTRIES, _ours_ablation, _ours_latent, _ours_longbench, _ours_sources, build_index,
+                             write_index)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,20 +16,18 @@ def test_every_table_and_figure_of_the_paper_once():
     paper = [f"Table {i}" for i in range(1, 16)] + [f"Figure {i}" for i in range(1, 14)]
     assert [i for i in items if re.match(r"(Table|Figure) \d+$", i)] == paper  # 28, in order
     for e in ENTRIES:
-        assert e.kind in ("computed", "schematic", "later"), e.item
+        assert e.kind in ("computed", "schematic"), e.item
         if e.kind == "computed":
             assert (ROOT / "notebooks" / f"{e.notebook}.ipynb").is_file(), e.item
             assert e.results and e.results[0].endswith(".csv") and e.figures, e.item
-        elif e.kind == "later":
-            assert e.reason and not e.results and e.notebook is None, e.item
         else:
-            assert not (e.results or e.figures or e.reason or e.notebook), e.item
+            assert not (e.results or e.figures or e.notebook), e.item
 
 
 def test_status_follows_the_files(tmp_path):
     rows = {r["item"]: r for r in build_index("tiny", "results/tiny", tmp_path)}
     assert rows["Figure 1"]["status"] == "schematic" and rows["Table 14"]["status"] == "not run"
-    assert "issue 17" in rows["Table 14"]["reason"]
+    assert "(run notebook 19_latent_projectors)" in rows["Table 14"]["reason"]
     table1 = rows["Table 1"]
     assert table1["status"] == "not run" and "results/tiny/oracle_cache_enrichment.csv" in table1["reason"]
     assert table1["results"] == table1["figures"] == ""  # never a file that is not there
@@ -96,3 +95,9 @@ def test_the_longbench_rows_name_every_bucket():
             {"bucket": "8k+", "receiver": "", "t2t": "", "c2c": ""}]
     assert _ours_longbench(rows) == ("0-4k: receiver 30.50, T2T 33.46, C2C 37.30; "
                                      "8k+: receiver -, T2T -, C2C -")
+
+
+def test_the_latent_row_names_each_receiver_and_setting():
+    rows = [{"sharers": "none", "r1": "34.5", "r1_low": "30", "r1_high": "39", "r1_n": "4", "r2": "38.0"},
+            {"sharers": "all", "r1": "51.0", "r1_gain": "16.5", "r1_gain_p": "0.01", "r2": "59.75"}]
+    assert _ours_latent(rows) == "r1: none 34.5, all 51.0; r2: none 38.0, all 59.8"
