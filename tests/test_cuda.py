@@ -18,6 +18,8 @@ from c2c.fused import C2CModel
 from c2c.methods import C2C
 from c2c.models import load_model
 from conftest import make_fuser
+from test_latent import bf16_training
+from test_longbench import closed_gates_reproduce_the_receiver
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
                                                    reason="needs a CUDA device: run `make gpu-check` on a GPU machine")]
@@ -137,3 +139,11 @@ def test_no_host_sync_in_the_fused_prefill(shared_vocabulary):
     ours = [f"{w.filename}:{w.lineno}" for w in host_syncs(lambda: model.prefill(inputs))
             if Path(w.filename).resolve().is_relative_to(C2C_SOURCE)]
     assert not ours, f"host synchronisations in c2c code: {ours}"
+
+
+def test_longbench_and_the_latent_system_on_cuda(tmp_path):
+    """LongBench's replies with the static cache (closed gates: the receiver's, token for token) and the latent
+    system's joint training in bf16, on CUDA."""
+    pair = [load_model(name, device="cuda") for name in ("tiny-receiver", "tiny-sharer")]
+    closed_gates_reproduce_the_receiver(*pair, static_cache=True)
+    bf16_training(tmp_path / "latent")

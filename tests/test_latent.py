@@ -2,6 +2,7 @@
 (exact), closed gates reproducing the receiver, joint training that resumes exactly, and the evaluation config."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -179,3 +180,17 @@ def test_rows_against_a_hand_computation(tmp_path):
     assert rows["s2"]["receiver-a_gain"] == -25.0 and rows["all"]["receiver-a"] == 100.0
     assert rows["all"]["receiver-b_gain"] == 0.0 and rows["all"]["receiver-b_gain_p"] == 1.0
     assert rows["none"]["receiver-a_low"] < 25.0 < rows["none"]["receiver-a_high"] and rows["none"]["receiver-a_n"] == 4
+
+
+def bf16_training(folder):
+    """Joint training under bf16 autocast (what a GPU run uses) on this machine's device: finite losses, every
+    pair exported."""
+    out = train_latent("configs/train_tiny.yaml", *PAIR, 8, folder, {**TRAIN, "max_steps": 2, "precision": "bf16"},
+                       progress=False)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(math.isfinite(v) for entry in log for v in entry["loss"].values())
+    assert len(list((out / "pairs").iterdir())) == 4
+
+
+def test_bf16_training(tmp_path):
+    bf16_training(tmp_path / "bf16")

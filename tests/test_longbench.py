@@ -181,16 +181,23 @@ def test_training_conversations_fit_max_length(tiny_receiver):
 
 def run_for(tiny_receiver, tiny_sharer, gate_logit=1.0, **options):
     (r, rt), (s, st) = tiny_receiver, tiny_sharer
-    fused = C2CModel(r, rt, [s], [st], [make_fuser(r, s, seed=5, gate_logit=gate_logit)])
+    fused = C2CModel(r, rt, [s], [st], [make_fuser(r, s, seed=5, gate_logit=gate_logit).to(r.device)])
     return LongBenchRun(r, rt, s, st, PromptFormat(rt, 200), fused,
                         **{"max_new_tokens": 6, "t2t_max_new_tokens": 5, **options})
 
 
-def test_closed_gates_reproduce_the_receiver_alone(tiny_receiver, tiny_sharer):
-    run = run_for(tiny_receiver, tiny_sharer, gate_logit=-1.0)
+def closed_gates_reproduce_the_receiver(receiver, sharer, static_cache):
+    """C2C through closed gates answers as the receiver alone, token for token; open gates change the answers."""
+    run = run_for(receiver, sharer, gate_logit=-1.0, static_cache=static_cache)
     items = tiny_longbench(per_dataset=1)[:4]
     assert run.replies("c2c", items) == run.replies("receiver", items)
-    assert run_for(tiny_receiver, tiny_sharer).replies("c2c", items) != run.replies("receiver", items)
+    opened = run_for(receiver, sharer, static_cache=static_cache)
+    assert opened.replies("c2c", items) != run.replies("receiver", items)
+
+
+@pytest.mark.parametrize("static_cache", [None, True], ids=["dynamic-cache", "static-cache"])
+def test_closed_gates_reproduce_the_receiver_alone(tiny_receiver, tiny_sharer, static_cache):
+    closed_gates_reproduce_the_receiver(tiny_receiver, tiny_sharer, static_cache)
 
 
 @pytest.mark.parametrize("method", ["receiver", "c2c"])
