@@ -42,9 +42,8 @@ from transformers import AutoTokenizer
 
 from c2c.fingerprint import code_version, fuser_fingerprint, model_fingerprint, tokenizer_fingerprint
 from c2c.fused import C2CModel
-from c2c.locks import folder_lock
 from c2c.models import resolve_model_source
-from c2c.replies import generate_fused, generate_replies, run_items
+from c2c.replies import HelperText, evaluate_methods, generate_fused, generate_replies
 from c2c.stats import mean_interval, paired_by_id, pgr
 
 HUB_DATASET = "THUDM/LongBench"  # datasets.load_dataset(HUB_DATASET, f"{name}_e", split="test")
@@ -460,32 +459,15 @@ def evaluate_longbench(run: LongBenchRun, items: Sequence[LongItem], out: str | 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown LongBench methods {unknown}; known: {', '.join(METHODS)}")
-    items = list(items)
-    if len({i.id for i in items}) != len(items):
-        raise ValueError("two LongBench items share an id")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with folder_lock(out, "LongBench evaluation"):
-        messages = {}
-        if "t2t" in methods:
-            def write(batch):
-                texts, counts = run.messages(batch)
-                return [{"id": i.id, "message": t, "message_tokens": n} for i, t, n in zip(batch, texts, counts)]
 
-            messages = run_items(out, T2T_MESSAGES, run.describe(T2T_MESSAGES), items, batch_size, write, progress)
-        records = {}
-        for method in methods:
-            def answer(batch, method=method):
-                given = [messages[i.id]["message"] for i in batch] if method == "t2t" else None
-                texts, counts = run.replies(method, batch, given)
-                return [{"id": i.id, "dataset": i.dataset, "length": i.length, "score": score(i, t), "reply": t,
-                         "reply_tokens": n, "truncated": n >= run.max_new_tokens} for i, t, n in zip(batch, texts, counts)]
+    def answer(method, batch, messages):
+        texts, counts = run.replies(method, batch, messages)
+        return [{"id": i.id, "dataset": i.dataset, "length": i.length, "score": score(i, t), "reply": t,
+                 "reply_tokens": n, "truncated": n >= run.max_new_tokens} for i, t, n in zip(batch, texts, counts)]
 
-            done = run_items(out, method, run.describe(method), items, batch_size, answer, progress)
-            records[method] = [{**done[i.id], **({"message": messages[i.id]["message"],
-                                                  "message_seconds": messages[i.id]["seconds"]}
-                                                 if method == "t2t" else {})} for i in items]
-    return records
+    return evaluate_methods(out, "LongBench evaluation", items, methods, describe=run.describe, answer=answer,
+                            helper=HelperText(T2T_MESSAGES, "message", frozenset({"t2t"}), run.messages),
+                            batch_size=batch_size, progress=progress)
 
 
 def longbench_rows(records: dict[str, list[dict]], edges: Sequence[int] = BUCKET_EDGES) -> list[dict]:
@@ -514,11 +496,7 @@ def longbench_rows(records: dict[str, list[dict]], edges: Sequence[int] = BUCKET
                 row[f"{method}_pgr"] = None if gap is None else 100 * gap
         for other in ("receiver", "t2t"):
             if "c2c" in chosen and other in chosen:
-                comparison = paired_by_id(chosen["c2c"], chosen[other], field="score")
-                row.update({f"c2c_minus_{other}": 100 * comparison.difference,
-                            f"c2c_minus_{other}_low": 100 * comparison.interval[0],
-                            f"c2c_minus_{other}_high": 100 * comparison.interval[1],
-                            f"c2c_minus_{other}_p": comparison.p_value})
+                row.update(paired_by_id(chosen["c2c"], chosen[other], field="score").columns(f"c2c_minus_{other}"))
         rows.append(row)
     return rows
 

@@ -5,6 +5,8 @@ workflow of Table 15, LongBench of Tables 5 and 11).
 * ``generate_fused``: the receiver's greedy replies from its cache of each prompt fused with the sharers' caches of
   the same prompt (``c2c.fused.C2CModel``);
 * ``pair_from_fuser``: the receiver, sharer and C2C model of the pair a trained fuser was made for;
+* ``evaluate_methods``: several methods' records on the same items, with a text another model writes first for some
+  of them (``HelperText``: the interpreter's analysis, T2T's message), under a lock of the output folder;
 * ``run_items``: a method's per-item records in ``<out>/<name>.jsonl``, computed in batches for the items not there
   yet, beside ``<out>/<name>.meta.json``, what produced them: a rerun reuses them and does only the missing items;
   under another meta it refuses and names what changed. Each record gets its ``seconds`` (per item of its batch).
@@ -16,6 +18,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +29,7 @@ from c2c.checkpoint import load_fuser
 from c2c.evaluate import STATIC_CACHE, _Models, load_eval_config
 from c2c.fused import C2CModel, check_context, generate_from_prefix, left_pad, pad_token_id
 from c2c.jsonl import append_jsonl, read_jsonl
+from c2c.locks import folder_lock
 from c2c.fuser import CONFIG_NAME, FuserConfig
 from c2c.methods import _check_decoding, _decode_new, _eos_ids, _greedy_kwargs, render_ids
 from c2c.paths import repo_path
@@ -121,3 +125,49 @@ def run_items(out: Path, name: str, meta: dict, items: Sequence, batch_size: int
         bar.update(len(batch))
     bar.close()
     return done
+
+
+@dataclass(frozen=True)
+class HelperText:
+    """A text another model writes for each item before the methods in ``needed_by`` answer (they read it):
+    ``write(batch) -> (texts, token counts)``, kept as the records ``name`` with the text in ``field``."""
+
+    name: str
+    field: str
+    needed_by: frozenset
+    write: Callable[[list], tuple[list[str], list[int]]]
+
+
+def evaluate_methods(out: str | os.PathLike, what: str, items: Sequence, methods: Sequence[str], *,
+                     describe: Callable[[str], dict], answer: Callable[[str, list, list | None], list[dict]],
+                     helper: HelperText | None = None, batch_size: int = 1, progress: bool = True) -> dict[str, list[dict]]:
+    """Each method's per-item records in item order (``run_items``; ``describe(name)``: the meta of a method's or
+    the helper's records; ``answer(method, batch, texts)``: a batch's records, ``texts`` the helper's for the
+    methods that read it, else None), under a lock of ``out`` naming ``what``. The records of a method that reads
+    the helper's text also hold it (``<field>``) and its seconds per item (``<field>_seconds``)."""
+    items = list(items)
+    if len({i.id for i in items}) != len(items):
+        raise ValueError(f"two items of the {what} share an id")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, what):
+        texts = {}
+        if helper is not None and helper.needed_by & set(methods):
+            def write(batch):
+                written, counts = helper.write(batch)
+                return [{"id": i.id, helper.field: t, f"{helper.field}_tokens": n}
+                        for i, t, n in zip(batch, written, counts)]
+
+            texts = run_items(out, helper.name, describe(helper.name), items, batch_size, write, progress)
+        records = {}
+        for method in methods:
+            reads = helper is not None and method in helper.needed_by
+
+            def run(batch, method=method, reads=reads):
+                return answer(method, batch, [texts[i.id][helper.field] for i in batch] if reads else None)
+
+            done = run_items(out, method, describe(method), items, batch_size, run, progress)
+            records[method] = [{**done[i.id], **({helper.field: texts[i.id][helper.field],
+                                                  f"{helper.field}_seconds": texts[i.id]["seconds"]} if reads else {})}
+                               for i in items]
+    return records

@@ -71,6 +71,12 @@ class PairedComparison:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def columns(self, name: str) -> dict:
+        """Table columns: the difference in percentage points as ``name``, its interval (``name``_low/_high) and
+        p-value (``name``_p)."""
+        return {name: 100 * self.difference, f"{name}_low": 100 * self.interval[0],
+                f"{name}_high": 100 * self.interval[1], f"{name}_p": self.p_value}
+
 
 def paired_comparison(a: Sequence[bool | float], b: Sequence[bool | float], z: float = Z95) -> PairedComparison:
     """Compare per-item correctness (or scores in [0, 1]) of two methods on the same items (same order)."""

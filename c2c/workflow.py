@@ -35,9 +35,8 @@ from pathlib import Path
 from c2c.benchmark_files import is_olmo_request, olmo_docs, read_unit, record_field, record_text, select_units
 from c2c.fingerprint import code_version, fuser_fingerprint, model_fingerprint, tokenizer_fingerprint
 from c2c.fused import C2CModel
-from c2c.locks import folder_lock
 from c2c.offline import offline_benchmark_path
-from c2c.replies import generate_fused, generate_replies, pair_from_fuser, run_items
+from c2c.replies import HelperText, evaluate_methods, generate_fused, generate_replies, pair_from_fuser
 from c2c.stats import paired_by_id, wilson_interval
 
 WORKFLOW_METHODS = ("single", "t2t", "c2c", "t_c2c")
@@ -248,40 +247,24 @@ def evaluate_workflow(workflow: Workflow, items: Sequence[MathItem], out: str | 
                       methods: Sequence[str] = WORKFLOW_METHODS, batch_size: int = 4,
                       progress: bool = True) -> dict[str, list[dict]]:
     """Per-item records of each method (in item order), computed or reused from ``out`` (see the module doc); those
-    of ``t2t`` and ``t_c2c`` also hold the interpreter's analysis and its seconds per item."""
+    of ``t2t`` and ``t_c2c`` also hold the interpreter's analysis and its seconds per item (``analysis_seconds``)."""
     unknown = [m for m in methods if m not in WORKFLOW_METHODS]
     if unknown:
         raise ValueError(f"unknown workflow methods {unknown}; known: {', '.join(WORKFLOW_METHODS)}")
-    items = list(items)
-    if len({i.id for i in items}) != len(items):
-        raise ValueError("two GSM8K items share an id")
-    out = Path(out)
-    with folder_lock(out, "GSM8K workflow evaluation"):
-        analyses = {}
-        if NEEDS_ANALYSIS & set(methods):
-            def interpret(batch):
-                texts, counts = workflow.analyses(batch)
-                return [{"id": i.id, "analysis": t, "analysis_tokens": n} for i, t, n in zip(batch, texts, counts)]
 
-            analyses = run_items(out, INTERPRETER, workflow.describe(INTERPRETER), items, batch_size, interpret, progress)
-        records = {}
-        for method in methods:
-            def answer(batch, method=method):
-                given = [analyses[i.id]["analysis"] for i in batch] if method in NEEDS_ANALYSIS else None
-                texts, counts = workflow.solve(method, batch, given)
-                rows = []
-                for item, text, n in zip(batch, texts, counts):
-                    predicted = extract_number(text)
-                    rows.append({"id": item.id, "gold": item.answer, "predicted": predicted,
-                                 "correct": predicted is not None and Decimal(predicted) == Decimal(item.answer),
-                                 "reply": text, "reply_tokens": n, "truncated": n >= workflow.max_new_tokens})
-                return rows
+    def answer(method, batch, analyses):
+        texts, counts = workflow.solve(method, batch, analyses)
+        rows = []
+        for item, text, n in zip(batch, texts, counts):
+            predicted = extract_number(text)
+            rows.append({"id": item.id, "gold": item.answer, "predicted": predicted,
+                         "correct": predicted is not None and Decimal(predicted) == Decimal(item.answer),
+                         "reply": text, "reply_tokens": n, "truncated": n >= workflow.max_new_tokens})
+        return rows
 
-            done = run_items(out, method, workflow.describe(method), items, batch_size, answer, progress)
-            records[method] = [{**done[i.id], **({"analysis": analyses[i.id]["analysis"],
-                                                  "interpreter_seconds": analyses[i.id]["seconds"]}
-                                                 if method in NEEDS_ANALYSIS else {})} for i in items]
-    return records
+    return evaluate_methods(out, "GSM8K workflow evaluation", items, methods, describe=workflow.describe, answer=answer,
+                            helper=HelperText(INTERPRETER, "analysis", frozenset(NEEDS_ANALYSIS), workflow.analyses),
+                            batch_size=batch_size, progress=progress)
 
 
 def workflow_rows(records: dict[str, list[dict]], baseline: str = "single") -> list[dict]:
@@ -297,14 +280,10 @@ def workflow_rows(records: dict[str, list[dict]], baseline: str = "single") -> l
         low, high = wilson_interval(correct, n)
         row = {"method": method, "label": LABELS[method], "n": n, "accuracy": 100 * correct / n,
                "accuracy_ci95_low": 100 * low, "accuracy_ci95_high": 100 * high,
-               "seconds_per_query": sum(r["seconds"] + r.get("interpreter_seconds", 0.0) for r in recs) / n,
+               "seconds_per_query": sum(r["seconds"] + r.get("analysis_seconds", 0.0) for r in recs) / n,
                "reply_tokens": sum(r["reply_tokens"] for r in recs) / n,
                "truncated": sum(r["truncated"] for r in recs), "unparsed": sum(r["predicted"] is None for r in recs)}
         if method != baseline and baseline in records:
-            comparison = paired_by_id(recs, records[baseline])
-            row.update({f"minus_{baseline}": 100 * comparison.difference,
-                        f"minus_{baseline}_low": 100 * comparison.interval[0],
-                        f"minus_{baseline}_high": 100 * comparison.interval[1],
-                        f"minus_{baseline}_p": comparison.p_value})
+            row.update(paired_by_id(recs, records[baseline]).columns(f"minus_{baseline}"))
         rows.append(row)
     return rows

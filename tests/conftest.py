@@ -38,3 +38,16 @@ def make_fuser(receiver_model, sharer_model, seed=0, gate_logit=None, **options)
     """A small random fuser for a model pair, in eval mode; gate_logit sets every gate logit."""
     return random_fuser(receiver_model.config, sharer_model.config, seed=seed, gate_logit=gate_logit,
                         **{"hidden_dim": 32, "intermediate_dim": 24, **options})
+
+
+def count_calls(monkeypatch, owner, name: str) -> list:
+    """Record (first argument after self, batch size) of each call of ``owner.name`` (a method taking
+    ``(self, method, batch, ...)``), calling it as before."""
+    calls, real = [], getattr(owner, name)
+
+    def counting(self, method, batch, *args, **kwargs):
+        calls.append((method, len(batch)))
+        return real(self, method, batch, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls

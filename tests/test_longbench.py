@@ -14,7 +14,7 @@ from c2c.longbench import (LONGBENCH_E, METRICS, LongBenchRun, LongItem, PromptF
                            classification_score, code_similarity, count_score, dataset_rows, evaluate_longbench,
                            load_longbench, longbench_rows, retrieval_score, rouge_l, score, split_items, tiny_longbench,
                            token_f1, training_conversations)
-from conftest import make_fuser
+from conftest import count_calls, make_fuser
 
 
 def test_thirteen_datasets_each_with_a_metric_and_a_prompt():
@@ -218,14 +218,7 @@ def test_records_resume_and_refuse_another_setup(tmp_path, tiny_receiver, tiny_s
         assert [r["id"] for r in records] == [i.id for i in items[:3]]
         assert all(r["score"] == score(i, r["reply"]) and 0 <= r["score"] <= 1 for r, i in zip(records, items))
         assert all(("message" in r) == (method == "t2t") for r in records)
-    calls = []
-    real = LongBenchRun.replies
-
-    def counting(self, method, batch, messages=None):
-        calls.append((method, len(batch)))
-        return real(self, method, batch, messages)
-
-    monkeypatch.setattr(LongBenchRun, "replies", counting)
+    calls = count_calls(monkeypatch, LongBenchRun, "replies")
     again = evaluate_longbench(run, items, tmp_path, batch_size=2, progress=False)
     assert sorted(calls) == sorted([(m, 2) for m in ("receiver", "sharer", "t2t", "c2c")])  # only the 2 new items
     assert all(again[m][:3] == first[m] for m in first)
@@ -237,6 +230,8 @@ def test_records_resume_and_refuse_another_setup(tmp_path, tiny_receiver, tiny_s
     other_prompts.prompts = PromptFormat(tiny_receiver[1], 100)
     with pytest.raises(ValueError, match="made with other prompts"):
         evaluate_longbench(other_prompts, items, tmp_path, methods=["receiver"], progress=False)
+    with pytest.raises(ValueError, match="share an id"):
+        evaluate_longbench(run, [items[0], items[0]], tmp_path / "twice", methods=["receiver"], progress=False)
     with pytest.raises(ValueError, match="c2c needs a fuser"):
         evaluate_longbench(LongBenchRun(*tiny_receiver, *tiny_sharer, PromptFormat(tiny_receiver[1], 200)), items,
                            tmp_path / "other", methods=["c2c"], progress=False)

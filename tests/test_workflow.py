@@ -10,7 +10,7 @@ from c2c.fused import C2CModel, ContextLengthError
 from c2c.offline import fetch_offline_benchmarks, find_offline_files
 from c2c.workflow import (MathItem, Workflow, evaluate_workflow, extract_number, gold_number, load_gsm8k,
                           normalise_number, solver_prompt, tiny_problems, workflow_from_fuser, workflow_rows)
-from conftest import make_fuser
+from conftest import count_calls, make_fuser
 
 
 @pytest.mark.parametrize("text, number", [("18", "18"), ("$1,234.50", "1234.5"), ("18.", "18"), ("-3", "-3"),
@@ -147,16 +147,9 @@ def test_records_resume_and_refuse_another_setup(tmp_path, tiny_receiver, tiny_s
     for method, records in first.items():
         assert [r["id"] for r in records] == [i.id for i in items[:3]]
         assert all(r["gold"] == i.answer and isinstance(r["correct"], bool) for r, i in zip(records, items))
-        assert all(("interpreter_seconds" in r) == ("analysis" in r) == (method in ("t2t", "t_c2c")) for r in records)
+        assert all(("analysis_seconds" in r) == ("analysis" in r) == (method in ("t2t", "t_c2c")) for r in records)
         assert all(r["truncated"] == (r["reply_tokens"] >= 6) for r in records)  # the cap: workflow_for's 6 tokens
-    calls = []
-    real = Workflow.solve
-
-    def counting(self, method, batch, analyses=None):
-        calls.append((method, len(batch)))
-        return real(self, method, batch, analyses)
-
-    monkeypatch.setattr(Workflow, "solve", counting)
+    calls = count_calls(monkeypatch, Workflow, "solve")
     again = evaluate_workflow(workflow, items, tmp_path, batch_size=2, progress=False)
     assert sorted(calls) == sorted([(m, 2) for m in ("single", "t2t", "c2c", "t_c2c")])  # only the 2 new items
     assert all(again[m][:3] == first[m] for m in first)
@@ -171,7 +164,7 @@ def test_records_resume_and_refuse_another_setup(tmp_path, tiny_receiver, tiny_s
 def test_rows_against_a_hand_computation():
     def recs(correct, seconds, interpreter=None):
         return [{"id": str(i), "correct": c, "predicted": None if c is None else "1", "seconds": seconds,
-                 "reply_tokens": 10, "truncated": i == 0, **({"interpreter_seconds": interpreter} if interpreter else {})}
+                 "reply_tokens": 10, "truncated": i == 0, **({"analysis_seconds": interpreter} if interpreter else {})}
                 for i, c in enumerate(correct)]
 
     single = recs([True, False, False, False], 1.0)
