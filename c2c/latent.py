@@ -103,8 +103,8 @@ class LatentSystem(nn.Module):
         if fuser_options.get("sharer_mlp_layers"):
             raise ValueError("the latent system's projectors are linear (so that each pair exports as a C2CFuser): "
                              "sharer_mlp_layers (C2C-C) is not supported here")
-        self.spec = {"receivers": receivers, "sharers": sharers, "latent_dim": latent_dim, "fuser_options": fuser_options,
-                     "alignments": alignments or {}, "layer_map_strategy": layer_map_strategy}
+        self.spec = {"receivers": receivers, "sharers": sharers, "latent_dim": latent_dim,
+                     "fuser_options": fuser_options, "alignments": alignments or {}, "layer_map_strategy": layer_map_strategy}
         self.projectors = nn.ModuleList(
             SharerProjector(s["num_hidden_layers"], s["num_key_value_heads"] * s["head_dim"], latent_dim)
             for s in sharers.values())
@@ -181,7 +181,8 @@ def export_pair(system: LatentSystem, receiver: int, sharer: int, folder: str | 
     projector_weight = pair.projector.linear.weight[groups].double()  # (G, Ws, latent)
     projector_bias = pair.projector.linear.bias[groups].double()  # (G, 1, latent)
     from_latent = weight[:, :latent]  # (G, latent, H)
-    state["input.weight"] = torch.cat([projector_weight @ from_latent, weight[:, latent:]], dim=1).float()  # (G, Ws + Wr, H)
+    # (G, Ws + Wr, H): the sharer's rows through the projector, the receiver's as they are
+    state["input.weight"] = torch.cat([projector_weight @ from_latent, weight[:, latent:]], dim=1).float()
     state["input.bias"] = (bias + projector_bias @ from_latent).float()
     fuser = C2CFuser(pair.config)
     fuser.load_state_dict(state)
@@ -237,7 +238,8 @@ def train_latent(base_config: str | os.PathLike, receivers: list[str], sharers: 
     for receiver in receivers:
         tokenizer = loaded[receiver][1]
         chats = load_tokenized(config.dataset, tokenizer, [loaded[s][1] for s in sharers],
-                               max_examples=config.max_examples, alignment=config.alignment, max_length=config.max_length,
+                               max_examples=config.max_examples, alignment=config.alignment,
+                               max_length=config.max_length,
                                cache_folder=cache_dir() / "datasets" if config.data_cache else None, progress=progress,
                                answer_prefix=config.answer_prefix)
         data.append(chats)
@@ -255,8 +257,8 @@ def train_latent(base_config: str | os.PathLike, receivers: list[str], sharers: 
                       for s in sharers} for r in receivers}
     torch.manual_seed(config.seed)
     system = LatentSystem({r: model_signature(loaded[r][0].config) for r in receivers},
-                          {s: model_signature(loaded[s][0].config) for s in sharers}, latent_dim, fuser_options, alignments,
-                          config.layer_map).to(device)
+                          {s: model_signature(loaded[s][0].config) for s in sharers}, latent_dim, fuser_options,
+                          alignments, config.layer_map).to(device)
     models = [C2CModel(loaded[r][0], loaded[r][1], [loaded[s][0] for s in sharers], [loaded[s][1] for s in sharers],
                        system.pairs[j], alignment=config.alignment, multi_sharer="parallel")
               for j, r in enumerate(receivers)]
@@ -270,7 +272,11 @@ def train_latent(base_config: str | os.PathLike, receivers: list[str], sharers: 
     pads = [(pad_token_id(loaded[r][1]), [pad_token_id(loaded[s][1]) for s in sharers]) for r in receivers]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     bar = tqdm(total=total_steps, initial=step, desc="training latent system", unit="step", disable=not progress)
-    with (out / "log.jsonl").open("a", encoding="utf-8") as log:
+    log_file = out / "log.jsonl"  # the steps up to the checkpoint resumed from (a stopped run may have logged more)
+    kept = [line for line in (log_file.read_text(encoding="utf-8").splitlines() if log_file.exists() else [])
+            if json.loads(line)["step"] <= step]
+    log_file.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    with log_file.open("a", encoding="utf-8") as log:
         while step < total_steps:
             epoch, within = divmod(step, steps_per_epoch)
             losses = []

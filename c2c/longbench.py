@@ -416,25 +416,34 @@ class LongBenchRun:
         out = {"prompts": self.prompts.describe(), "code": code}
         if method == T2T_MESSAGES:
             return {**out, "instruction": T2T_INSTRUCTION, "max_new_tokens": self.t2t_max_new_tokens,
-                    "sharer": model_fingerprint(self.sharer), "sharer_tokenizer": tokenizer_fingerprint(self.sharer_tokenizer)}
+                    "sharer": model_fingerprint(self.sharer),
+                    "sharer_tokenizer": tokenizer_fingerprint(self.sharer_tokenizer)}
         if method not in METHODS:
             raise ValueError(f"unknown LongBench method {method!r}; known: {', '.join(METHODS)}")
-        out.update(method=method, max_new_tokens=self.max_new_tokens)
-        model, tokenizer = (self.sharer, self.sharer_tokenizer) if method == "sharer" else (self.receiver, self.receiver_tokenizer)
-        out.update(model=model_fingerprint(model), tokenizer=tokenizer_fingerprint(tokenizer))
+        model, tokenizer = self._answering(method)
+        out.update(method=method, max_new_tokens=self.max_new_tokens, model=model_fingerprint(model),
+                   tokenizer=tokenizer_fingerprint(tokenizer))
         if method == "t2t":
             out["messages"] = {"block": T2T_BLOCK, **self.describe(T2T_MESSAGES)}
         if method == "c2c":
-            if self.c2c is None:
-                raise ValueError("method c2c needs a fuser: build the LongBenchRun with c2c=C2CModel(...)")
-            out["sharers"] = [model_fingerprint(s) for s in self.c2c.sharers]
-            out["fusers"] = [fuser_fingerprint(f) for f in self.c2c.fusers]
+            out["sharers"] = [model_fingerprint(s) for s in self._fused().sharers]
+            out["fusers"] = [fuser_fingerprint(f) for f in self._fused().fusers]
         return out
+
+    def _answering(self, method: str) -> tuple:
+        """The model and tokenizer that write ``method``'s answers (the receiver's, also for t2t and c2c)."""
+        return (self.sharer, self.sharer_tokenizer) if method == "sharer" else (self.receiver, self.receiver_tokenizer)
+
+    def _fused(self) -> C2CModel:
+        if self.c2c is None:
+            raise ValueError("method c2c needs a fuser: build the LongBenchRun with c2c=C2CModel(...)")
+        return self.c2c
 
     def messages(self, items: Sequence[LongItem]) -> tuple[list[str], list[int]]:
         """T2T: the sharer's notes on each prompt."""
-        return generate_replies(self.sharer, self.sharer_tokenizer, [self.prompts.prompt(i) + T2T_INSTRUCTION for i in items],
-                                self.t2t_max_new_tokens, static_cache=self.static_cache, who="the sharer (T2T)")
+        prompts = [self.prompts.prompt(i) + T2T_INSTRUCTION for i in items]
+        return generate_replies(self.sharer, self.sharer_tokenizer, prompts, self.t2t_max_new_tokens,
+                                static_cache=self.static_cache, who="the sharer (T2T)")
 
     def replies(self, method: str, items: Sequence[LongItem],
                 messages: Sequence[str] | None = None) -> tuple[list[str], list[int]]:
@@ -444,10 +453,8 @@ class LongBenchRun:
         if method == "t2t":
             prompts = [p + T2T_BLOCK.format(message=m) for p, m in zip(prompts, messages)]
         if method == "c2c":
-            self.describe("c2c")  # checks that there is a fuser
-            return generate_fused(self.c2c, prompts, self.max_new_tokens, static_cache=self.static_cache)
-        model, tokenizer = (self.sharer, self.sharer_tokenizer) if method == "sharer" else (self.receiver, self.receiver_tokenizer)
-        return generate_replies(model, tokenizer, prompts, self.max_new_tokens, static_cache=self.static_cache,
+            return generate_fused(self._fused(), prompts, self.max_new_tokens, static_cache=self.static_cache)
+        return generate_replies(*self._answering(method), prompts, self.max_new_tokens, static_cache=self.static_cache,
                                 who=f"the {'sharer' if method == 'sharer' else 'receiver'}")
 
 
@@ -472,8 +479,8 @@ def evaluate_longbench(run: LongBenchRun, items: Sequence[LongItem], out: str | 
 
 def longbench_rows(records: dict[str, list[dict]], edges: Sequence[int] = BUCKET_EDGES) -> list[dict]:
     """One row per length bucket, then "Average" (all items, each counted once): n, each method's mean score x 100
-    with its 95% interval and seconds per item (T2T's message included), PGR of T2T and C2C where receiver and sharer differ, and C2C's
-    paired difference from the receiver and from T2T (x 100, 95% interval, exact sign test)."""
+    with its 95% interval and seconds per item (T2T's message included), PGR of T2T and C2C where receiver and
+    sharer differ, and C2C's paired difference from the receiver and from T2T (x 100, 95% interval, exact sign test)."""
     if not records:
         raise ValueError("no methods' records")
     first = next(iter(records.values()))

@@ -140,7 +140,8 @@ class HelperText:
 
 def evaluate_methods(out: str | os.PathLike, what: str, items: Sequence, methods: Sequence[str], *,
                      describe: Callable[[str], dict], answer: Callable[[str, list, list | None], list[dict]],
-                     helper: HelperText | None = None, batch_size: int = 1, progress: bool = True) -> dict[str, list[dict]]:
+                     helper: HelperText | None = None, batch_size: int = 1,
+                     progress: bool = True) -> dict[str, list[dict]]:
     """Each method's per-item records in item order (``run_items``; ``describe(name)``: the meta of a method's or
     the helper's records; ``answer(method, batch, texts)``: a batch's records, ``texts`` the helper's for the
     methods that read it, else None), under a lock of ``out`` naming ``what``. The records of a method that reads

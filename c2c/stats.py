@@ -96,7 +96,8 @@ def paired_comparison(a: Sequence[bool | float], b: Sequence[bool | float], z: f
                             binomial_two_sided_p(a_only, a_only + b_only))
 
 
-def paired_by_id(records_a: Sequence[dict], records_b: Sequence[dict], field: str = "correct") -> PairedComparison | None:
+def paired_by_id(records_a: Sequence[dict], records_b: Sequence[dict],
+                 field: str = "correct") -> PairedComparison | None:
     """``paired_comparison`` of two methods' per-item records (``{"id", field, ...}``, ``field`` their correctness
     or score) on the items both hold, in a's order; None when they share no item (e.g. runs on different subsets)."""
     score_b = {r["id"]: r[field] for r in records_b}

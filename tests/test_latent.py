@@ -125,7 +125,10 @@ def test_joint_training_exports_every_pair_and_resumes_exactly(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         train_latent("configs/train_tiny.yaml", *PAIR, 8, tmp_path / "stopped", TRAIN, progress=False)
     monkeypatch.setattr(c2c.latent, "_save_checkpoint", real_save)
+    with (tmp_path / "stopped" / "log.jsonl").open("a") as log:  # as if it had logged step 3 before it stopped
+        log.write(json.dumps({"step": 3, "loss": {}, "lr": 0.0}) + "\n")
     resumed = train_latent("configs/train_tiny.yaml", *PAIR, 8, tmp_path / "stopped", TRAIN, progress=False)
+    assert (resumed / "log.jsonl").read_text() == (whole / "log.jsonl").read_text()  # each step once, as if not stopped
     a = LatentSystem.from_pretrained(whole / "final").state_dict()
     b = LatentSystem.from_pretrained(resumed / "final").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -63,7 +63,8 @@ def test_the_other_metrics():
     assert classification_score("Entity", "Description", classes) == 0.0
     assert count_score("I count 12, not 11 or 12", "12") == pytest.approx(2 / 3)
     assert count_score("many", "12") == 0.0
-    assert retrieval_score("Paragraph 7", "Paragraph 7") == 1.0 and retrieval_score("Paragraph 17", "Paragraph 7") == 0.0
+    assert retrieval_score("Paragraph 7", "Paragraph 7") == 1.0
+    assert retrieval_score("Paragraph 17", "Paragraph 7") == 0.0
     with pytest.raises(ValueError, match="without a paragraph number"):
         retrieval_score("Paragraph 7", "no number")
     assert code_similarity("```python\n# next\n    x = 1\n", "    x = 1") == 1.0  # fences and comments skipped
@@ -257,7 +258,8 @@ def test_rows_against_a_hand_computation():
     assert average["c2c_minus_receiver_low"] < 25.0 < average["c2c_minus_receiver_high"]
     assert average["c2c_seconds"] == 1.0
     by_dataset = {r["dataset"]: r for r in dataset_rows(records)}
-    assert by_dataset["qasper"]["c2c"] == 75.0 and by_dataset["trec"]["n"] == 2 and by_dataset["trec"]["metric"] == "classification"
+    assert by_dataset["qasper"]["c2c"] == 75.0 and by_dataset["trec"]["n"] == 2
+    assert by_dataset["trec"]["metric"] == "classification"
 
 
 def test_load_tokenizer_reads_a_tiny_model():
