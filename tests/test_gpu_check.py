@@ -30,7 +30,7 @@ def test_dry_run_prints_the_plan_and_checks_its_inputs(gpu_check):
         assert f"] {step.name}: " in result.stdout
     assert f"time limits {gpu_check.STEP_LIMITS_TOTAL_S} s in all (budget 480 s)" in result.stdout
     assert gpu_check.STEP_LIMITS_TOTAL_S <= 450
-    assert "CUDA tests: 7 collected" in result.stdout and "nothing run" in result.stdout
+    assert "CUDA tests: 8 collected" in result.stdout and "nothing run" in result.stdout
 
 
 def test_dry_run_names_a_missing_input(gpu_check, monkeypatch, capsys):
@@ -73,13 +73,13 @@ def test_steps_run_under_their_limits_and_the_summary_reads_their_outputs(gpu_ch
     # without a GPU every CUDA test is skipped: the check reports it as not passed, never as passing
     assert results[0]["status"] == "not all passed"
     tests = json.loads((out / "cuda_tests.json").read_text())
-    assert tests["counts"] == {"passed": 0, "failure": 0, "error": 0, "skipped": 7}
+    assert tests["counts"] == {"passed": 0, "failure": 0, "error": 0, "skipped": 8}
     assert all("needs a CUDA device" in t["message"] for t in tests["tests"])
     assert not (out / "cuda_tests.xml").exists() and not list(out.glob("latency_b*.csv"))
     latency = json.loads((out / "latency.json").read_text())
     (setting,) = latency["settings"]
     assert setting["c2c_over_receiver"] == pytest.approx(setting["c2c_ms"] / setting["receiver_ms"], abs=1e-3)
-    assert lines[0] == "CUDA tests: 0 passed, 0 failure, 0 error, 7 skipped"
+    assert lines[0] == "CUDA tests: 0 passed, 0 failure, 0 error, 8 skipped"
     assert lines[1].startswith("latency B=2 P=16 A=4: C2C/receiver ")
     assert [line.split(":")[0] for line in lines[2:6]] == ["train online 4x256", "train online 8x512",
                                                            "train cached 4x256", "train cached 8x512"]
