@@ -41,10 +41,11 @@ from tqdm.auto import tqdm
 
 from c2c.align import TokenAligner, layer_map
 from c2c.data import batch_order, collate_examples, load_tokenized, split_indices
-from c2c.fused import C2CModel, pad_token_id
+from c2c.fused import C2CModel, pad_token_id, sharer_prefix_length
 from c2c.fuser import C2CFuser, FuserConfig, StackedLinear, model_signature
 from c2c.models import load_model as load_language_model
 from c2c.paths import cache_dir, repo_path, repo_relative
+from c2c.prefixes import PrefixStore
 from c2c.records import method_records
 from c2c.stats import paired_by_id, wilson_interval
 from c2c.train import continuation_loss, linear_schedule
@@ -213,7 +214,8 @@ def _models(sources: list[str], dtype, device) -> dict:
 def train_latent(base_config: str | os.PathLike, receivers: list[str], sharers: list[str], latent_dim: int,
                  output_dir: str | os.PathLike, overrides: dict | None = None, *, progress: bool = True) -> Path:
     """Train the latent system of ``receivers`` x ``sharers`` jointly on ``base_config``'s data and recipe (a
-    ``c2c.train`` config; its receiver and sharer are not used), resuming from ``output_dir``'s checkpoint; export
+    ``c2c.train`` config; its receiver and sharer are not used; its ``prefix_cache`` keeps the models' prompt caches on disk), resuming from
+    ``output_dir``'s checkpoint; export
     every pair. Returns ``output_dir``: ``final/`` (the system), ``pairs/<slug>/`` (each pair as a fuser folder),
     ``log.jsonl``. A finished run is reused; one finished under other settings is refused."""
     config = load_train_config(repo_path(base_config), overrides or {})
@@ -244,6 +246,9 @@ def train_latent(base_config: str | os.PathLike, receivers: list[str], sharers: 
                                answer_prefix=config.answer_prefix)
         data.append(chats)
         splits.append(split_indices(len(chats), config.eval_fraction, config.seed))
+    if config.prefix_cache:
+        stores = _attach_prompt_caches(loaded, receivers, sharers, data, progress)
+        (out / "prompt_caches.json").write_text(json.dumps(stores, indent=1) + "\n", encoding="utf-8")
     per_step = config.batch_size * config.grad_accum
     steps_per_epoch = min(len(train) for train, _ in splits) // per_step
     if steps_per_epoch == 0:
@@ -316,6 +321,27 @@ def train_latent(base_config: str | os.PathLike, receivers: list[str], sharers: 
             export_pair(system, j, i, out / "pairs" / pair_slug(receiver, sharer))
     print(f"c2c.latent: done, {total_steps} steps; pairs in {out / 'pairs'}")
     return out
+
+
+def _attach_prompt_caches(loaded: dict, receivers: list[str], sharers: list[str], data: list,
+                          progress: bool) -> dict:
+    """One on-disk prompt-cache store per model (``c2c.prefixes``, as ``c2c.train`` with ``prefix_cache``), filled
+    with every prompt it prefills in training (each receiver's prompts; each sharer's, aligned to every receiver)
+    and attached, so that a step runs only the fusion and the receivers' passes over the answers. Returns each
+    store's description by model."""
+    rows: dict[str, list] = {}
+    for receiver, chats in zip(receivers, data):
+        examples = [chats[i] for i in range(len(chats))]
+        rows.setdefault(receiver, []).extend(e.prompt_ids[:-1] for e in examples)
+        for i, sharer in enumerate(sharers):
+            rows.setdefault(sharer, []).extend(e.prompt[i].sharer_ids[:sharer_prefix_length(e.prompt[i])]
+                                               for e in examples)
+    stores = {}
+    for name, sequences in rows.items():
+        store = PrefixStore(loaded[name][0], progress=progress)
+        store.fill(sequences, desc=f"{short_name(name)} prompt caches")
+        stores[name] = store.attach().describe()
+    return stores
 
 
 def _save_checkpoint(folder: Path, system: LatentSystem, optimizer, scheduler, step: int) -> None:

@@ -197,3 +197,16 @@ def bf16_training(folder):
 
 def test_bf16_training(tmp_path):
     bf16_training(tmp_path / "bf16")
+
+
+def test_training_from_stored_prompt_caches_ends_with_the_online_weights(tmp_path):
+    finals = {}
+    for cached in (False, True):
+        out = train_latent("configs/train_tiny.yaml", *PAIR, 8, tmp_path / f"cached-{cached}",
+                           {**TRAIN, "checkpoint_every": 0, "prefix_cache": cached}, progress=False)
+        finals[cached] = LatentSystem.from_pretrained(out / "final").state_dict()
+        assert (out / "prompt_caches.json").is_file() == cached
+    stores = json.loads((tmp_path / "cached-True" / "prompt_caches.json").read_text())
+    assert sorted(stores) == sorted(PAIR[0]) and all(store["sequences"] > 0 for store in stores.values())
+    for name, weight in finals[False].items():
+        torch.testing.assert_close(finals[True][name], weight, rtol=1e-4, atol=1e-6, msg=name)
