@@ -26,10 +26,12 @@ of an ordinary ``C2CFuser`` for the real pair, exactly (up to rounding): each pa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +107,8 @@ class LatentSystem(nn.Module):
             raise ValueError("the latent system's projectors are linear (so that each pair exports as a C2CFuser): "
                              "sharer_mlp_layers (C2C-C) is not supported here")
         self.spec = {"receivers": receivers, "sharers": sharers, "latent_dim": latent_dim,
-                     "fuser_options": fuser_options, "alignments": alignments or {}, "layer_map_strategy": layer_map_strategy}
+                     "fuser_options": fuser_options, "alignments": alignments or {},
+                     "layer_map_strategy": layer_map_strategy}
         self.projectors = nn.ModuleList(
             SharerProjector(s["num_hidden_layers"], s["num_key_value_heads"] * s["head_dim"], latent_dim)
             for s in sharers.values())
@@ -203,6 +206,22 @@ def pair_slug(receiver: str, sharer: str) -> str:
 # --------------------------------------------------------------------------- training
 
 
+@dataclass
+class _Receiver:
+    """One receiver's part of a joint run: its C2C model (every sharer fused in through its pairs), tokenized chats,
+    their training and held-out indices and the pad ids to collate them."""
+
+    name: str
+    model: C2CModel
+    chats: object  # c2c.data.TokenizedChats
+    train: np.ndarray
+    held_out: np.ndarray
+    pads: tuple
+
+    def batch(self, indices, device):
+        return collate_examples([self.chats[i] for i in indices], *self.pads).to(device)
+
+
 def _models(sources: list[str], dtype, device) -> dict:
     loaded = {}
     for source in dict.fromkeys(sources):
@@ -214,10 +233,11 @@ def _models(sources: list[str], dtype, device) -> dict:
 def train_latent(base_config: str | os.PathLike, receivers: list[str], sharers: list[str], latent_dim: int,
                  output_dir: str | os.PathLike, overrides: dict | None = None, *, progress: bool = True) -> Path:
     """Train the latent system of ``receivers`` x ``sharers`` jointly on ``base_config``'s data and recipe (a
-    ``c2c.train`` config; its receiver and sharer are not used; its ``prefix_cache`` keeps the models' prompt caches on disk), resuming from
-    ``output_dir``'s checkpoint; export
-    every pair. Returns ``output_dir``: ``final/`` (the system), ``pairs/<slug>/`` (each pair as a fuser folder),
-    ``log.jsonl``. A finished run is reused; one finished under other settings is refused."""
+    ``c2c.train`` config; its receiver and sharer are not used; with its ``prefix_cache`` the models' prompt caches
+    are kept on disk), resuming from ``output_dir``'s checkpoint; export every pair. Returns ``output_dir``:
+    ``final/`` (the system), ``pairs/<slug>/`` (each pair as a fuser folder), ``log.jsonl`` (each step's losses) and
+    ``held_out_loss.json`` (each receiver's loss on its held-out chats at the start and the end). A finished run is
+    reused; one finished under other settings is refused."""
     config = load_train_config(repo_path(base_config), overrides or {})
     out = repo_path(output_dir)
     settings = {"base_config": repo_relative(repo_path(base_config)), "overrides": overrides or {},
@@ -235,92 +255,120 @@ def train_latent(base_config: str | os.PathLike, receivers: list[str], sharers: 
     precision = config.precision if config.precision != "auto" else ("bf16" if cuda else "fp32")
     device = torch.device("cuda" if cuda else "cpu")
     loaded = _models([*receivers, *sharers], torch.bfloat16 if precision == "bf16" else torch.float32, device)
-
-    data, splits = [], []
-    for receiver in receivers:
-        tokenizer = loaded[receiver][1]
-        chats = load_tokenized(config.dataset, tokenizer, [loaded[s][1] for s in sharers],
-                               max_examples=config.max_examples, alignment=config.alignment,
-                               max_length=config.max_length,
-                               cache_folder=cache_dir() / "datasets" if config.data_cache else None, progress=progress,
-                               answer_prefix=config.answer_prefix)
-        data.append(chats)
-        splits.append(split_indices(len(chats), config.eval_fraction, config.seed))
+    data = [load_tokenized(config.dataset, loaded[r][1], [loaded[s][1] for s in sharers],
+                           max_examples=config.max_examples, alignment=config.alignment, max_length=config.max_length,
+                           cache_folder=cache_dir() / "datasets" if config.data_cache else None, progress=progress,
+                           answer_prefix=config.answer_prefix) for r in receivers]
     if config.prefix_cache:
         stores = _attach_prompt_caches(loaded, receivers, sharers, data, progress)
         (out / "prompt_caches.json").write_text(json.dumps(stores, indent=1) + "\n", encoding="utf-8")
-    per_step = config.batch_size * config.grad_accum
-    steps_per_epoch = min(len(train) for train, _ in splits) // per_step
+    splits = [split_indices(len(chats), config.eval_fraction, config.seed) for chats in data]
+    steps_per_epoch = min(len(train) for train, _ in splits) // (config.batch_size * config.grad_accum)
     if steps_per_epoch == 0:
-        raise ValueError(f"fewer training examples than one step needs ({per_step}); lower batch_size or grad_accum")
+        raise ValueError(f"fewer training examples than one step needs ({config.batch_size * config.grad_accum}); "
+                         "lower batch_size or grad_accum")
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     fuser_options = dict(config.fuser)
     if fuser_options.get("anneal_steps", "total") == "total":
         fuser_options["anneal_steps"] = total_steps
-
     alignments = {r: {s: None if TokenAligner(loaded[r][1], loaded[s][1]).shared_vocabulary else config.alignment
                       for s in sharers} for r in receivers}
     torch.manual_seed(config.seed)
     system = LatentSystem({r: model_signature(loaded[r][0].config) for r in receivers},
                           {s: model_signature(loaded[s][0].config) for s in sharers}, latent_dim, fuser_options,
                           alignments, config.layer_map).to(device)
-    models = [C2CModel(loaded[r][0], loaded[r][1], [loaded[s][0] for s in sharers], [loaded[s][1] for s in sharers],
-                       system.pairs[j], alignment=config.alignment, multi_sharer="parallel")
-              for j, r in enumerate(receivers)]
+    sharer_models, sharer_tokenizers = [loaded[s][0] for s in sharers], [loaded[s][1] for s in sharers]
+    parts = [_Receiver(r, C2CModel(*loaded[r], sharer_models, sharer_tokenizers, system.pairs[j],
+                                   alignment=config.alignment, multi_sharer="parallel"),
+                       chats, train, held_out,
+                       (pad_token_id(loaded[r][1]), [pad_token_id(t) for t in sharer_tokenizers]))
+             for j, (r, chats, (train, held_out)) in enumerate(zip(receivers, data, splits))]
     optimizer = torch.optim.AdamW(system.optimizer_groups(config.weight_decay), lr=config.learning_rate,
                                   betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, linear_schedule(total_steps, math.ceil(config.warmup_ratio * total_steps)))
-    step = _resume(out / "checkpoint", system, optimizer, scheduler)
-    system.set_step(step)
-    system.train()
-    pads = [(pad_token_id(loaded[r][1]), [pad_token_id(loaded[s][1]) for s in sharers]) for r in receivers]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    step = _resume(out / "checkpoint", system, optimizer, scheduler)
+    held_out_file = out / "held_out_loss.json"
+    if step == 0:
+        held_out_file.write_text(json.dumps({"start": _held_out_loss(system, parts, config, device, autocast)}) + "\n")
+    system.set_step(step)
     bar = tqdm(total=total_steps, initial=step, desc="training latent system", unit="step", disable=not progress)
-    log_file = out / "log.jsonl"  # the steps up to the checkpoint resumed from (a stopped run may have logged more)
-    kept = [line for line in (log_file.read_text(encoding="utf-8").splitlines() if log_file.exists() else [])
-            if json.loads(line)["step"] <= step]
-    log_file.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    with log_file.open("a", encoding="utf-8") as log:
+    with _log_from(out / "log.jsonl", step) as log:
         while step < total_steps:
-            epoch, within = divmod(step, steps_per_epoch)
-            losses = []
-            for j, (chats, (train, _)) in enumerate(zip(data, splits)):
-                batches = batch_order(train, chats.lengths, config.batch_size, seed=config.seed, epoch=epoch,
-                                      length_bucketing=config.length_bucketing)
-                micro = batches[within * config.grad_accum:(within + 1) * config.grad_accum]
-                tokens = int(sum(chats.continuation_lengths[b].sum() for b in micro))
-                total = 0.0
-                for indices in micro:
-                    batch = collate_examples([chats[i] for i in indices], *pads[j]).to(device)
-                    with autocast:
-                        loss = continuation_loss(models[j], batch) / tokens  # this receiver's mean over its tokens
-                    loss.backward()  # the receivers' losses add up in the gradients
-                    total += float(loss.detach())
-                losses.append(total)
-            if config.max_grad_norm:
-                nn.utils.clip_grad_norm_(system.parameters(), config.max_grad_norm)
-            optimizer.step()
+            losses = _optimizer_step(system, optimizer, parts, config, step, steps_per_epoch, device, autocast)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             system.set_step(step)
-            if not all(map(math.isfinite, losses)):
-                raise FloatingPointError(f"training loss is {losses} at step {step}")
-            log.write(json.dumps({"step": step, "loss": dict(zip(receivers, losses)), "lr": scheduler.get_last_lr()[0]})
-                      + "\n")
+            log.write(json.dumps({"step": step, "loss": losses, "lr": scheduler.get_last_lr()[0]}) + "\n")
             log.flush()
             bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses):.4f}")
+            bar.set_postfix(loss=f"{sum(losses.values()):.4f}")
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
                 _save_checkpoint(out / "checkpoint", system, optimizer, scheduler, step)
     bar.close()
+    held_out = json.loads(held_out_file.read_text())
+    held_out["end"] = _held_out_loss(system, parts, config, device, autocast)
+    held_out_file.write_text(json.dumps(held_out) + "\n")
     system.save_pretrained(out / "final")
     for j, receiver in enumerate(receivers):
         for i, sharer in enumerate(sharers):
             export_pair(system, j, i, out / "pairs" / pair_slug(receiver, sharer))
     print(f"c2c.latent: done, {total_steps} steps; pairs in {out / 'pairs'}")
     return out
+
+
+def _optimizer_step(system: LatentSystem, optimizer, parts: list[_Receiver], config, step: int, steps_per_epoch: int,
+                    device, autocast) -> dict[str, float]:
+    """One step of every receiver's loss (its mean over the step's scored tokens; gradient accumulation), summed:
+    clipping and AdamW on all modules. Returns each receiver's loss."""
+    epoch, within = divmod(step, steps_per_epoch)
+    system.train()
+    losses = {}
+    for part in parts:
+        batches = batch_order(part.train, part.chats.lengths, config.batch_size, seed=config.seed, epoch=epoch,
+                              length_bucketing=config.length_bucketing)
+        micro = batches[within * config.grad_accum:(within + 1) * config.grad_accum]
+        tokens = int(sum(part.chats.continuation_lengths[b].sum() for b in micro))
+        losses[part.name] = 0.0
+        for indices in micro:
+            with autocast:
+                loss = continuation_loss(part.model, part.batch(indices, device)) / tokens
+            loss.backward()  # the receivers' losses add up in the gradients
+            losses[part.name] += float(loss.detach())
+    if not all(map(math.isfinite, losses.values())):
+        raise FloatingPointError(f"training loss is {losses} at step {step + 1}")
+    if config.max_grad_norm:
+        nn.utils.clip_grad_norm_(system.parameters(), config.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
+@torch.no_grad()
+def _held_out_loss(system: LatentSystem, parts: list[_Receiver], config, device, autocast) -> dict[str, float | None]:
+    """Each receiver's loss per scored token on its held-out chats (None without any), gates at inference."""
+    system.eval()
+    result = {}
+    for part in parts:
+        total, tokens = 0.0, 0
+        for start in range(0, len(part.held_out), config.batch_size):
+            batch = part.batch(part.held_out[start:start + config.batch_size], device)
+            with autocast:
+                total += float(continuation_loss(part.model, batch))
+            tokens += batch.num_label_tokens
+        result[part.name] = total / tokens if tokens else None
+    return result
+
+
+@contextlib.contextmanager
+def _log_from(path: Path, step: int):
+    """The run's log open for appending, keeping the steps up to ``step`` (a stopped run may have logged more)."""
+    kept = [line for line in (path.read_text(encoding="utf-8").splitlines() if path.exists() else [])
+            if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    with path.open("a", encoding="utf-8") as log:
+        yield log
 
 
 def _attach_prompt_caches(loaded: dict, receivers: list[str], sharers: list[str], data: list,

@@ -112,6 +112,9 @@ def test_joint_training_exports_every_pair_and_resumes_exactly(tmp_path, monkeyp
     log = [json.loads(line) for line in (whole / "log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log] == [1, 2, 3, 4]
     assert all(set(entry["loss"]) == set(PAIR[0]) for entry in log)
+    held_out = json.loads((whole / "held_out_loss.json").read_text())
+    assert set(held_out) == {"start", "end"} and all(set(v) == set(PAIR[0]) for v in held_out.values())
+    assert all(math.isfinite(loss) and loss > 0 for v in held_out.values() for loss in v.values())
     slugs = sorted(p.name for p in (whole / "pairs").iterdir())
     assert slugs == sorted(pair_slug(r, s) for r in PAIR[0] for s in PAIR[1])
     # a run that stops after its step-2 checkpoint, then resumes: the same weights as the run that did not stop
