@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from safetensors.torch import load_model, save_model
 from torch import nn
 from tqdm.auto import tqdm
@@ -46,11 +45,12 @@ from c2c.data import batch_order, collate_examples, load_tokenized, split_indice
 from c2c.fused import C2CModel, pad_token_id, sharer_prefix_length
 from c2c.fuser import C2CFuser, FuserConfig, StackedLinear, model_signature
 from c2c.models import load_model as load_language_model
+from c2c.pairs import eval_config_for_pair
 from c2c.paths import cache_dir, repo_path, repo_relative
 from c2c.prefixes import PrefixStore
 from c2c.records import method_records
 from c2c.stats import paired_by_id, wilson_interval
-from c2c.train import continuation_loss, linear_schedule
+from c2c.train import continuation_loss, linear_schedule, optimizer_groups
 from c2c.train_config import load_train_config
 
 CONFIG_NAME = "latent_config.json"
@@ -133,28 +133,16 @@ class LatentSystem(nn.Module):
             self.fusers.append(row)
             self.pairs.append(pairs)
 
-    @property
-    def receivers(self) -> list[str]:
-        return list(self.spec["receivers"])
-
-    @property
-    def sharers(self) -> list[str]:
-        return list(self.spec["sharers"])
-
     def set_step(self, step: int) -> None:
         for row in self.fusers:
             for fuser in row:
                 fuser.set_step(step)
 
-    def optimizer_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups (each tied weight once): decay on everything but the gate logits where the options exempt
-        them."""
-        exempt = bool(self.spec["fuser_options"].get("exempt_gates_from_weight_decay"))
-        decay, no_decay = [], []
-        for name, parameter in self.named_parameters():  # shared parameters are listed once
-            (no_decay if exempt and name.endswith("gate_logit") else decay).append(parameter)
-        return [{"params": decay, "weight_decay": weight_decay}] + (
-            [{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
+    def no_weight_decay_parameter_names(self) -> set[str]:
+        """The gate logits where the options exempt them from weight decay (``c2c.train.optimizer_groups``)."""
+        if not self.spec["fuser_options"].get("exempt_gates_from_weight_decay"):
+            return set()
+        return {name for name, _ in self.named_parameters() if name.endswith("gate_logit")}
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         folder = Path(folder)
@@ -178,7 +166,7 @@ def export_pair(system: LatentSystem, receiver: int, sharer: int, folder: str | 
     """Save pair (receiver, sharer) as an ordinary ``C2CFuser`` folder: the projector's linear layer multiplied
     into the fuser's first layer (computed in float64)."""
     pair = system.pairs[receiver][sharer]
-    state = {k: v.clone() for k, v in pair.fuser.state_dict().items()}
+    state = dict(pair.fuser.state_dict())
     latent = system.spec["latent_dim"]
     groups = pair.sharer_groups
     weight, bias = state["input.weight"].double(), state["input.bias"].double()  # (G, latent + Wr, H), (G, 1, H)
@@ -283,7 +271,7 @@ def train_latent(base_config: str | os.PathLike, receivers: list[str], sharers: 
                        chats, train, held_out,
                        (pad_token_id(loaded[r][1]), [pad_token_id(t) for t in sharer_tokenizers]))
              for j, (r, chats, (train, held_out)) in enumerate(zip(receivers, data, splits))]
-    optimizer = torch.optim.AdamW(system.optimizer_groups(config.weight_decay), lr=config.learning_rate,
+    optimizer = torch.optim.AdamW(optimizer_groups(system, config.weight_decay), lr=config.learning_rate,
                                   betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, linear_schedule(total_steps, math.ceil(config.warmup_ratio * total_steps)))
@@ -427,18 +415,13 @@ def latent_eval_config(base: str | os.PathLike, run: str | os.PathLike, receiver
     """An evaluation config (``c2c.evaluate``) for one receiver of a latent run: the receiver alone, C2C with each
     sharer (key ``c2c_<sharer slug>``) and with every sharer at once (``c2c_all``, their terms summed); the base
     config's settings and its entry for ``benchmark``."""
-    raw = yaml.safe_load(repo_path(base).read_text(encoding="utf-8")) or {}
-    entries = [b if isinstance(b, dict) else {"name": b} for b in raw.get("benchmarks") or []]
-    entry = next((b for b in entries if b["name"] == benchmark), None)
-    if entry is None:
-        raise ValueError(f"benchmark {benchmark!r} is not in {base}; it has {[b['name'] for b in entries]}")
-    for key in ("routing", "comparisons", "output", "alignment", "sharer", "fuser"):
-        raw.pop(key, None)
     folders = [repo_path(run) / "pairs" / pair_slug(receiver, s) for s in sharers]
     missing = [str(f) for f in folders if not (f / "fuser_config.json").is_file()]
     if missing:
         raise FileNotFoundError(f"no exported pair fuser in {missing}: train the latent system first (train_latent)")
-    methods = [{"name": "receiver", "key": "receiver"}]
+    config = eval_config_for_pair(base, folders[0], benchmark=benchmark, limit=limit, methods=("receiver",),
+                                  name=f"latent-{short_name(receiver)}")
+    methods = config["methods"]
     methods += [{"name": "c2c", "key": f"c2c_{short_name(s)}", "sharer": s,
                  "fuser": {"checkpoint": repo_relative(f)}} for s, f in zip(sharers, folders)]
     if len(sharers) > 1:
@@ -446,8 +429,7 @@ def latent_eval_config(base: str | os.PathLike, run: str | os.PathLike, receiver
                         "fuser": {"checkpoint": repo_relative(folders[0])}, "multi_sharer": "parallel",
                         "more_sharers": [{"sharer": s, "fuser": {"checkpoint": repo_relative(f)}}
                                          for s, f in zip(sharers[1:], folders[1:])]})
-    return {**raw, "name": f"latent-{short_name(receiver)}", "receiver": receiver, "methods": methods,
-            "benchmarks": [{**entry, **({"limit": limit} if limit else {})}]}
+    return config
 
 
 def latent_rows(outs: dict[str, str | os.PathLike], sharers: list[str], *, benchmark: str) -> list[dict]:
@@ -457,18 +439,19 @@ def latent_rows(outs: dict[str, str | os.PathLike], sharers: list[str], *, bench
     settings = [("none", "receiver"), *((short_name(s), f"c2c_{short_name(s)}") for s in sharers)]
     if len(sharers) > 1:
         settings.append(("all", "c2c_all"))
+    alone = {receiver: method_records(out, "receiver", benchmark) for receiver, out in outs.items()}
     rows = []
     for label, key in settings:
         row = {"sharers": label}
         for receiver, out in outs.items():
             name = short_name(receiver)
-            records, alone = method_records(out, key, benchmark), method_records(out, "receiver", benchmark)
+            records = alone[receiver] if key == "receiver" else method_records(out, key, benchmark)
             correct = sum(bool(r["correct"]) for r in records)
             low, high = wilson_interval(correct, len(records))
             row.update({name: 100 * correct / len(records), f"{name}_low": 100 * low, f"{name}_high": 100 * high,
                         f"{name}_n": len(records)})
             if key != "receiver":
-                gain = paired_by_id(records, alone)
+                gain = paired_by_id(records, alone[receiver])
                 row.update({f"{name}_gain": 100 * gain.difference, f"{name}_gain_p": gain.p_value})
         rows.append(row)
     return rows

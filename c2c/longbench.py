@@ -6,7 +6,7 @@ sharer, T2T and C2C on the other 1/4 with LongBench's metrics, per input-length 
 LongBench-E's ``length``). Here:
 
 * ``load_longbench``: the items, from the hub (``THUDM/LongBench``, ``<name>_e``), a local copy (the folder of its
-  ``data.zip``: ``<name>_e.jsonl``, or any JSONL with LongBench's fields) or invented ones (``tiny_longbench``);
+  ``data.zip``: ``<name>_e.jsonl``, or one data file with LongBench's fields) or invented ones (``tiny_longbench``);
 * ``split_items``: within each sub-dataset a random permutation (seed 42) puts ``eval_fraction`` of the items in
   the held-out part (the paper does not say whether its split is per sub-dataset; this keeps the mix the same);
 * ``PromptFormat``: each sub-dataset's prompt. LongBench's official prompts are not copied here: give their file
@@ -40,6 +40,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from c2c.benchmark_files import read_file
 from c2c.fingerprint import code_version, fuser_fingerprint, model_fingerprint, tokenizer_fingerprint
 from c2c.fused import C2CModel
 from c2c.models import resolve_model_source
@@ -118,17 +119,9 @@ def _item(record: dict, dataset: str | None, index: int, where: str) -> LongItem
                     tuple(answers), int(record["length"]), tuple(record.get("all_classes") or ()))
 
 
-def _read_jsonl_file(path: Path, dataset: str | None) -> list[LongItem]:
-    items = []
-    with path.open(encoding="utf-8") as handle:
-        for i, line in enumerate(handle):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{i + 1}: not JSON ({error})") from None
-                items.append(_item(record, dataset, i, f"{path}:{i + 1}"))
-    return items
+def _read_items(path: Path, dataset: str | None) -> list[LongItem]:
+    """The items of one data file (``c2c.benchmark_files.read_file``: JSONL, JSON, Parquet, Arrow, CSV)."""
+    return [_item(record, dataset, i, f"{path}: record {i}") for i, record in enumerate(read_file(path))]
 
 
 def tiny_longbench(per_dataset: int = 4, seed: int = 0, words: tuple[int, int] = (20, 160)) -> list[LongItem]:
@@ -157,7 +150,7 @@ def load_longbench(source: str | os.PathLike | None = "hub", datasets: Sequence[
 
     source: None or "hub" (``datasets.load_dataset("THUDM/LongBench", "<name>_e", split="test")``); "tiny-fixtures"
     (``tiny_longbench``); a folder holding ``<name>_e.jsonl`` files (LongBench's ``data.zip``, unpacked); or one JSONL
-    file whose records name their ``dataset``.
+    data file (JSONL, JSON, Parquet, Arrow, CSV) whose records name their ``dataset``.
     """
     names = list(datasets or LONGBENCH_E)
     unknown = [n for n in names if n not in METRICS]
@@ -187,13 +180,13 @@ def load_longbench(source: str | os.PathLike | None = "hub", datasets: Sequence[
                 if not file.is_file():
                     raise FileNotFoundError(f"{path} has no {file.name}: give the folder of LongBench's unpacked "
                                             "data.zip (data/<name>_e.jsonl) or choose the datasets it holds")
-                by_dataset[name] = _read_jsonl_file(file, name)
+                by_dataset[name] = _read_items(file, name)
         elif path.is_file():
-            for item in _read_jsonl_file(path, None):
+            for item in _read_items(path, None):
                 by_dataset.setdefault(item.dataset, []).append(item)
         else:
             raise FileNotFoundError(f"LongBench source {str(path)!r} does not exist; give a folder of <name>_e.jsonl "
-                                    "files, a JSONL file with LongBench's fields, 'hub' or 'tiny-fixtures'")
+                                    "files, a data file with LongBench's fields, 'hub' or 'tiny-fixtures'")
     missing = [n for n in names if not by_dataset.get(n)]
     if missing:
         raise ValueError(f"{source!r} holds no items of {missing}")
@@ -484,9 +477,10 @@ def longbench_rows(records: dict[str, list[dict]], edges: Sequence[int] = BUCKET
     if not records:
         raise ValueError("no methods' records")
     first = next(iter(records.values()))
+    bucket = {r["id"]: bucket_of(r["length"], edges) for r in first}
     rows = []
     for label in [*bucket_labels(edges), "Average"]:
-        ids = {r["id"] for r in first if label == "Average" or bucket_of(r["length"], edges) == label}
+        ids = {i for i, b in bucket.items() if label == "Average" or b == label}
         row = {"bucket": label, "n": len(ids)}
         if not ids:
             rows.append(row)

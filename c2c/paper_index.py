@@ -317,9 +317,8 @@ def build_index(profile: str, eval_out: str, root: str | os.PathLike) -> list[di
         if entry.kind == "schematic":
             status, reason = "schematic", "nothing to compute"
         elif missing and (root / places["results"] / "not_run" / f"{entry.notebook}.txt").is_file():
-            status = "not run"
-            reason = (f"not run in the {profile} profile: "
-                      + (root / places["results"] / "not_run" / f"{entry.notebook}.txt").read_text(encoding="utf-8").strip())
+            why = (root / places["results"] / "not_run" / f"{entry.notebook}.txt").read_text(encoding="utf-8")
+            status, reason = "not run", f"not run in the {profile} profile: {why.strip()}"
         elif missing:
             status, reason = "not run", f"not produced yet: {', '.join(missing)} (run notebook {entry.notebook})"
         else:

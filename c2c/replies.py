@@ -28,9 +28,9 @@ from c2c.align import DEFAULT_ALIGNMENT
 from c2c.checkpoint import load_fuser
 from c2c.evaluate import STATIC_CACHE, _Models, load_eval_config
 from c2c.fused import C2CModel, check_context, generate_from_prefix, left_pad, pad_token_id
+from c2c.fuser import CONFIG_NAME, FuserConfig
 from c2c.jsonl import append_jsonl, read_jsonl
 from c2c.locks import folder_lock
-from c2c.fuser import CONFIG_NAME, FuserConfig
 from c2c.methods import _check_decoding, _decode_new, _eos_ids, _greedy_kwargs, render_ids
 from c2c.paths import repo_path
 

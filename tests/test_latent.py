@@ -12,6 +12,7 @@ from c2c.fused import C2CModel
 from c2c.fuser import C2CFuser, model_signature
 from c2c.latent import LatentSystem, export_pair, latent_eval_config, latent_rows, pair_slug, train_latent
 from c2c.records import records_path
+from c2c.train import optimizer_groups
 
 OPTIONS = {"hidden_dim": 16, "intermediate_dim": 16, "num_layers": 3, "dropout": 0.0}
 
@@ -88,6 +89,16 @@ def test_closed_gates_reproduce_the_receiver_alone(models):
     fused_open = C2CModel(receiver, receiver_tokenizer, [receiver, sharer], [receiver_tokenizer, sharer_tokenizer],
                           opened.pairs[0], multi_sharer="parallel")
     assert not torch.equal(fused_open.prefill(inputs).layers[-1].keys, fused.prefill(inputs).layers[-1].keys)
+
+
+def test_weight_decay_spares_every_pair_s_gate_logits_where_the_options_say(models):
+    system = system_for(models, models)
+    assert optimizer_groups(system, 0.01) == [{"params": list(system.parameters()), "weight_decay": 0.01}]
+    system.spec["fuser_options"] = {**OPTIONS, "exempt_gates_from_weight_decay": True}
+    decay, no_decay = optimizer_groups(system, 0.01)
+    gates = [fuser.gate_logit for row in system.fusers for fuser in row]
+    assert no_decay["weight_decay"] == 0.0 and [id(p) for p in no_decay["params"]] == [id(g) for g in gates]
+    assert len(decay["params"]) + len(gates) == len(list(system.parameters()))  # each tied weight once
 
 
 def test_save_and_load_keep_the_tied_weights(models, tmp_path):

@@ -6,6 +6,8 @@ import random
 from functools import lru_cache
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import c2c.longbench
@@ -106,6 +108,9 @@ def test_load_a_local_copy_and_errors(tmp_path):
     assert len(load_longbench(one_file, ["trec"])) == 3
     with pytest.raises(ValueError, match="holds no items of"):
         load_longbench(one_file, ["lcc"])
+    parquet = tmp_path / "trec.parquet"  # any data file the benchmarks read (c2c.benchmark_files.read_file)
+    pq.write_table(pa.Table.from_pylist([json.loads(line) for line in one_file.read_text().splitlines()]), parquet)
+    assert load_longbench(parquet, ["trec"]) == load_longbench(one_file, ["trec"])
     with pytest.raises(ValueError, match="unknown LongBench-E datasets"):
         load_longbench(tmp_path / "data", ["narrativeqa"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
