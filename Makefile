@@ -55,7 +55,7 @@ endif
 
 NOTEBOOKS := 00_quickstart 01_oracle_cache_enrichment 02_layer_enrichment 03_train_fuser 04_main_table 05_latency 06_tsne \
              07_ablations 08_knowledge_transfer 09_recipe_variants 10_effective_rank 11_phase_timing 12_answer_overlap \
-             13_mmlu_subcategories 14_fused_fraction 15_training_cost 16_model_pairs 17_gsm8k_workflow 18_longbench 19_latent_projectors 99_paper_index
+             13_mmlu_subcategories 14_fused_fraction 15_training_cost 16_model_pairs 17_gsm8k_workflow 18_longbench 19_latent_projectors 20_general_recipe 99_paper_index
 .PHONY: $(NOTEBOOKS)
 EXECUTED := results/$(PROFILE)/notebooks
 PROFILE_INPUTS := $(if $(filter small,$(PROFILE)),models-small data-offline)
@@ -67,7 +67,7 @@ PROFILES := $(sort rehearsal $(basename $(notdir $(wildcard params/*.yaml))))
 PROFILE_GOALS := reproduce announce clean-results $(NOTEBOOKS)
 REHEARSAL_INPUTS := build/rehearsal
 PARAMS := $(if $(filter rehearsal,$(PROFILE)),$(REHEARSAL_INPUTS)/params.yaml,params/$(PROFILE).yaml)
-ifneq ($(filter $(PROFILE_GOALS) results/%,$(MAKECMDGOALS)),)
+ifneq ($(filter $(PROFILE_GOALS) results/% figures/%,$(MAKECMDGOALS)),)
   ifneq ($(words $(PROFILE))$(filter $(PROFILE),$(PROFILES)),1$(strip $(PROFILE)))
     $(error unknown PROFILE='$(PROFILE)': use one of $(PROFILES) (params/<profile>.yaml))
   endif
@@ -90,16 +90,22 @@ announce:
 # notebooks/stages.yaml); a finished notebook is not redone unless it, its parameters, the c2c sources, a config
 # file its parameters name or a stage it reads from changed (NOTEBOOK_INPUTS). SET overrides parameters with the
 # training CLI's syntax: `make 10_effective_rank PROFILE=small SET="--erank_limit=8"`.
-# papermill writes <name>.partial.ipynb, renamed when the notebook finished and removed when it failed or was
-# interrupted (its error is printed above), so an executed notebook in $(EXECUTED) always ran to the end.
+# papermill writes <name>.partial.ipynb, renamed when the notebook finished and wrote every product the stage
+# declares (PRODUCTS_<notebook>, from notebooks/stages.yaml; `make results/small/mc/main_table.md` runs the stage that
+# writes it), and removed when it failed, was interrupted (its error is printed above) or left a product out (unless
+# it wrote why this profile does not run it: results/<profile>/not_run/<notebook>.txt), so an executed notebook in
+# $(EXECUTED) always ran to the end.
 $(NOTEBOOKS): %: $(EXECUTED)/%.ipynb
 
 C2C_SOURCES := $(wildcard c2c/*.py)
 STAGE_PARAMS := build/$(PROFILE)/params
 $(EXECUTED)/%.ipynb: notebooks/%.ipynb $(STAGE_PARAMS)/%.yaml $(C2C_SOURCES) | announce $(STAMP) $(PROFILE_INPUTS)
 	@mkdir -p $(EXECUTED)
-	@trap 'rm -f "$(@:.ipynb=.partial.ipynb)"' EXIT INT TERM; \
-	  $(PY) -m papermill $< $(@:.ipynb=.partial.ipynb) -f $(STAGE_PARAMS)/$*.yaml --cwd notebooks --log-level ERROR && \
+	@trap 'rm -f "$(@:.ipynb=.partial.ipynb)"' EXIT INT TERM; set -e; \
+	  $(PY) -m papermill $< $(@:.ipynb=.partial.ipynb) -f $(STAGE_PARAMS)/$*.yaml --cwd notebooks --log-level ERROR; \
+	  missing=$$(for f in $(PRODUCTS_$*); do [ -e "$$f" ] || printf ' %s' "$$f"; done); \
+	  if [ -n "$$missing" ] && [ ! -f results/$(PROFILE)/not_run/$*.txt ]; then \
+	    echo "make: $* finished without writing its products:$$missing (notebooks/stages.yaml lists them)"; exit 1; fi; \
 	  mv $(@:.ipynb=.partial.ipynb) $@
 
 # written (as make reads this file, also under -n) whenever the profile's parameters, SET, the stage graph or a
@@ -107,7 +113,7 @@ $(EXECUTED)/%.ipynb: notebooks/%.ipynb $(STAGE_PARAMS)/%.yaml $(C2C_SOURCES) | a
 NOTEBOOK_INPUTS := build/$(PROFILE)/notebook_inputs.mk
 # SET as last used: a changed SET rewrites the parameters
 SET_FILE := build/$(PROFILE)/set.txt
-ifneq ($(filter reproduce $(NOTEBOOKS) results/%,$(MAKECMDGOALS)),)
+ifneq ($(filter reproduce $(NOTEBOOKS) results/% figures/%,$(MAKECMDGOALS)),)
   $(shell mkdir -p build/$(PROFILE) && { [ -f $(SET_FILE) ] && [ "$$(cat $(SET_FILE))" = '$(SET)' ] || echo '$(SET)' > $(SET_FILE); })
   include $(NOTEBOOK_INPUTS)
 endif

@@ -7,9 +7,13 @@ Two files make a profile:
   Paths under the profile's own output folders are written as templates, ``{runs}/mc_fuser``,
   ``{results}/mc``, ``{figures}``, and derived from the profile's name (``runs/small/mc_fuser``), so a
   profile never names another profile's folders and a copied profile writes into its own.
-* ``notebooks/stages.yaml``: the stage graph, the same in every profile: each notebook and the stages whose
-  results it reads (``after``; ``all`` = every other stage). A stage re-runs when its notebook, its
-  parameters, a config file they name, a ``c2c`` source or an upstream stage changed.
+* ``notebooks/stages.yaml``: the stage graph, the same in every profile: each notebook, the stages whose
+  results it reads (``after``; ``all`` = every other stage) and the files it writes (``products``: path
+  templates with ``{runs}``, ``{results}``, ``{figures}`` or one of the stage's parameters, ``{main_table_out}``;
+  ``{path: ..., if: <parameter>}`` when only written while that parameter is set). A stage re-runs when its
+  notebook, its parameters, a config file they name, a ``c2c`` source or an upstream stage changed; ``make
+  <product>`` runs the stage that writes it, and a stage that ends without writing every product fails, unless
+  it wrote why this profile does not run it (``results/<profile>/not_run/<notebook>.txt``).
 
 A notebook's parameters cell names the parameters it takes; each stage gets exactly those (``Stage.params``,
 written to ``<params dir>/<notebook>.yaml``, rewritten only when they change, so editing one notebook's
@@ -23,7 +27,8 @@ Overrides have one syntax everywhere, the training CLI's ``--key=value`` (values
 
     python -m c2c.config PARAMS.yaml OUT.mk EXECUTED_DIR PARAMS_DIR [--key=value ...]
 
-writes each stage's parameter file and the make rules ``<executed>/<stage>.ipynb: <config files> <upstreams>``.
+writes each stage's parameter file, the make rules ``<executed>/<stage>.ipynb: <config files> <upstreams>`` and
+``<products>: <executed>/<stage>.ipynb``, and each stage's product list ``PRODUCTS_<stage> := ...``.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class Stage:
     params: dict[str, Any]  # its parameters only, templates expanded
     after: tuple[str, ...]  # the stages whose results it reads
     configs: tuple[str, ...]  # the repository config files its parameters name
+    products: tuple[str, ...] = ()  # the files it writes in this profile (repository-relative)
 
 
 @dataclass(frozen=True)
@@ -115,33 +121,70 @@ def expand(value, profile: str, where: str):
     return TEMPLATE.sub(folder, value)
 
 
-def stage_graph(notebooks: list[str], root: Path) -> dict[str, tuple[str, ...]]:
-    """notebooks/stages.yaml as {stage: its upstreams}, checked against the notebooks there and for cycles."""
+STAGE_KEYS = ("after", "products")
+
+
+def stage_graph(notebooks: list[str], root: Path) -> dict[str, dict]:
+    """notebooks/stages.yaml as {stage: {"after": its upstreams, "products": its product entries}}, checked against
+    the notebooks there and for cycles."""
     path = root / STAGES_FILE
     graph = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if sorted(graph) != sorted(notebooks):
         raise ValueError(f"{STAGES_FILE} must list every notebook once: missing {sorted(set(notebooks) - set(graph))}, "
                          f"unknown {sorted(set(graph) - set(notebooks))}")
-    upstreams = {}
-    for name, after in graph.items():
-        after = [n for n in notebooks if n != name] if after == "all" else list(after or [])
+    stages = {}
+    for name, entry in graph.items():
+        entry = entry or {}
+        if not isinstance(entry, dict) or set(entry) - set(STAGE_KEYS):
+            raise ValueError(f"{STAGES_FILE}: stage {name} must be a mapping with the keys {STAGE_KEYS}, got {entry!r}")
+        after = entry.get("after") or []
+        after = [n for n in notebooks if n != name] if after == "all" else list(after)
         unknown = sorted(set(after) - set(notebooks))
         if unknown or name in after:
             raise ValueError(f"{STAGES_FILE}: stage {name} runs after {unknown or name!r}, not another stage; "
                              f"the stages are {notebooks}")
-        upstreams[name] = tuple(after)
+        stages[name] = {"after": tuple(after), "products": list(entry.get("products") or [])}
     checked: set[str] = set()
 
     def visit(name: str, trail: list[str]) -> None:  # depth-first: a stage met again on its own trail is a cycle
         if name in trail:
             raise ValueError(f"{STAGES_FILE}: the stages form a cycle: {' -> '.join(trail[trail.index(name):] + [name])}")
         if name not in checked:
-            for upstream in upstreams[name]:
+            for upstream in stages[name]["after"]:
                 visit(upstream, trail + [name])
             checked.add(name)
-    for name in upstreams:
+    for name in stages:
         visit(name, [])
-    return upstreams
+    return stages
+
+
+def stage_products(entries: list, params: dict[str, Any], profile: str, where: str) -> tuple[str, ...]:
+    """The files a stage writes in a profile: each product's path with {runs}, {results}, {figures} and the stage's
+    own (expanded) parameters filled in; a product ``{path, if: <parameter>}`` only while that parameter is set."""
+    paths = []
+    for entry in entries:
+        entry = entry if isinstance(entry, dict) else {"path": entry}
+        if set(entry) - {"path", "if"} or not isinstance(entry.get("path"), str):
+            raise ValueError(f"{where}: a product is a path or {{path: <path>, if: <parameter>}}, got {entry!r}")
+        condition = entry.get("if")
+        if condition is not None and condition not in params:
+            raise ValueError(f"{where}: product {entry['path']!r} is written if {condition!r}, which is not a "
+                             f"parameter of the stage ({sorted(params)})")
+        if condition is not None and not params[condition]:
+            continue
+
+        def fill(match: re.Match) -> str:
+            name = match.group(1)
+            if name in OUTPUT_FOLDERS:
+                return f"{name}/{profile}"
+            value = params.get(name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{where}: product {entry['path']!r}: {match.group(0)} is neither "
+                                 f"{', '.join('{' + f + '}' for f in OUTPUT_FOLDERS)} nor a parameter of the stage "
+                                 f"naming a folder (its value: {value!r})")
+            return value.rstrip("/")
+        paths.append(TEMPLATE.sub(fill, entry["path"]))
+    return tuple(paths)
 
 
 def load_profile(params_path: str | Path, overrides: dict[str, Any] | None = None, *,
@@ -167,9 +210,13 @@ def load_profile(params_path: str | Path, overrides: dict[str, Any] | None = Non
                                           f"tiny-profile default): {missing}") if part))
     values = {key: expand(value, name, key) for key, value in values.items()}
     graph = stage_graph(list(takes), root)
-    stages = {stage: Stage(name=stage, params={key: values[key] for key in keys}, after=graph[stage],
-                           configs=tuple(sorted(set().union(*(config_files(values[key], root) for key in keys)))))
-              for stage, keys in sorted(takes.items())}
+    stages = {}
+    for stage, keys in sorted(takes.items()):
+        params = {key: values[key] for key in keys}
+        stages[stage] = Stage(name=stage, params=params, after=graph[stage]["after"],
+                              configs=tuple(sorted(set().union(*(config_files(values[key], root) for key in keys)))),
+                              products=stage_products(graph[stage]["products"], params, name,
+                                                      f"{STAGES_FILE}, stage {stage}"))
     return Profile(name=name, stages=stages)
 
 
@@ -190,9 +237,12 @@ def write_stages(params_path: str | Path, out: str | Path, executed: str, params
         write_if_changed(Path(params_dir) / f"{stage.name}.yaml",
                          yaml.safe_dump(stage.params, sort_keys=False, allow_unicode=True))
     lines = [f"# written by `python -m c2c.config {params_path}` from it and {STAGES_FILE}: each stage's config "
-             "files and the stages it reads"]
+             "files and the stages it reads, the stage that writes each product, each stage's products"]
     lines += [f"{executed}/{stage.name}.ipynb: " + " ".join([*stage.configs, *(f"{executed}/{a}.ipynb" for a in stage.after)])
               for stage in profile.stages.values() if stage.configs or stage.after]
+    lines += [f"{' '.join(stage.products)}: {executed}/{stage.name}.ipynb" for stage in profile.stages.values()
+              if stage.products]
+    lines += [f"PRODUCTS_{stage.name} := {' '.join(stage.products)}" for stage in profile.stages.values()]
     out = Path(out)
     write_if_changed(out, "\n".join(lines) + "\n")
     out.touch()  # newer than what it was made from, so make does not remake it again

@@ -83,19 +83,28 @@ def eval_config_for_pair(base: str | os.PathLike, fuser_folder: str | os.PathLik
     """An evaluation config for one pair: the base config's settings (scoring, dtype, batch size, prompt caches,
     T2T protocol and caps) and its entry for ``benchmark`` (source, split, limit unless ``limit`` is given), with
     the receiver, sharer and fuser of ``fuser_folder`` and only ``methods`` (named as their keys)."""
-    raw = yaml.safe_load(repo_path(base).read_text(encoding="utf-8")) or {}
+    raw = eval_config_with_fuser(base, fuser_folder)
     entries = [b if isinstance(b, dict) else {"name": b} for b in raw.get("benchmarks") or []]
     entry = next((b for b in entries if b["name"] == benchmark), None)
     if entry is None:
         raise ValueError(f"benchmark {benchmark!r} is not in {base}; it has {[b['name'] for b in entries]}")
+    for key in ("routing", "comparisons"):  # the base's methods are not the pair's
+        raw.pop(key, None)
+    return {**raw, "name": name, "methods": [{"name": m, "key": m} for m in methods],
+            "benchmarks": [{**entry, **({"limit": limit} if limit else {})}]}
+
+
+def eval_config_with_fuser(base: str | os.PathLike, fuser_folder: str | os.PathLike) -> dict:
+    """The evaluation config ``base`` (its settings, methods and benchmarks) with the receiver, sharer and fuser of
+    ``fuser_folder``: the models the fuser was trained for, its token alignment, no output folder of its own."""
+    raw = yaml.safe_load(repo_path(base).read_text(encoding="utf-8")) or {}
     fuser = FuserConfig.from_json_file(Path(fuser_folder) / CONFIG_NAME)
     if not (fuser.receiver and fuser.sharer):
         raise ValueError(f"{fuser_folder} does not name the receiver and sharer it was trained for; retrain it")
-    for key in ("routing", "comparisons", "output", "alignment"):  # the pair's own: alignment is the fuser's
+    for key in ("output", "alignment"):  # the run's folder is the caller's; alignment is the fuser's
         raw.pop(key, None)
-    return {**raw, "name": name, "receiver": fuser.receiver, "sharer": fuser.sharer,
-            "fuser": {"checkpoint": repo_relative(fuser_folder)}, "methods": [{"name": m, "key": m} for m in methods],
-            "benchmarks": [{**entry, **({"limit": limit} if limit else {})}]}
+    return {**raw, "receiver": fuser.receiver, "sharer": fuser.sharer,
+            "fuser": {"checkpoint": repo_relative(fuser_folder)}}
 
 
 def evaluate_pair(pair: Pair, fuser_folder: Path, base: str | os.PathLike, out: str | os.PathLike, *, benchmark: str,
@@ -125,13 +134,16 @@ def non_embedding_parameters(source: str) -> int:
     return model.num_parameters() - sum(embeddings.values())
 
 
-def pair_row(pair: Pair, out: str | os.PathLike, t2t_out: str | os.PathLike | None, *, benchmark: str) -> dict:
+def pair_row(pair: Pair, out: str | os.PathLike, t2t_out: str | os.PathLike | None, *, benchmark: str,
+             keys: dict[str, str] | None = None) -> dict:
     """One row of the pairs table from the records of ``out`` (receiver, sharer, C2C) and ``t2t_out`` (T2T on a
     subset, or None): the models and their sizes (non-embedding parameters), the fuser's ``sharer_mlp_layers`` (0:
     default C2C, 3: the paper's C2C-C, Table 9), accuracies (%) with 95% intervals, C2C - receiver with its paired 95%
     interval and exact McNemar p, C2C's PGR ((C2C - receiver) / (sharer - receiver), None when they tie), and on the
-    T2T subset T2T - receiver and C2C - T2T the same way."""
-    records = {key: method_records(out, key, benchmark) for key in PAIR_METHODS}
+    T2T subset T2T - receiver and C2C - T2T the same way. ``keys``: the record key of a method where it is not the
+    method's name (``{"c2c": "c2c_logits"}``: an evaluation config whose methods carry no key)."""
+    keys = {method: method for method in PAIR_METHODS + T2T_METHODS} | (keys or {})
+    records = {method: method_records(out, keys[method], benchmark) for method in PAIR_METHODS}
     fuser = FuserConfig.from_json_file(pair.run / "final" / CONFIG_NAME)
     row = {"pair": pair.label, "receiver_model": fuser.receiver, "sharer_model": fuser.sharer,
            "receiver_size": non_embedding_parameters(fuser.receiver), "sharer_size": non_embedding_parameters(fuser.sharer),
@@ -142,7 +154,7 @@ def pair_row(pair: Pair, out: str | os.PathLike, t2t_out: str | os.PathLike | No
     recovered = pgr(row["c2c"], row["receiver"], row["sharer"])
     row["c2c_pgr"] = None if recovered is None else round(100 * recovered, 2)
     if t2t_out is not None:
-        t2t = method_records(t2t_out, "t2t", benchmark)
+        t2t = method_records(t2t_out, keys["t2t"], benchmark)
         versus_receiver = paired_by_id(t2t, records["receiver"])
         row.update({"t2t": round(100 * versus_receiver.accuracy_a, 2), "t2t_n": versus_receiver.n,
                     **_gain("t2t", versus_receiver)})

@@ -1,5 +1,5 @@
 """The profile spec (c2c.config): stages with only their parameters, paths derived from the profile, the stage
-graph checked, overrides in the training CLI's syntax, the make rules written from it."""
+graph checked, each stage's products, overrides in the training CLI's syntax, the make rules written from it."""
 
 import json
 
@@ -23,7 +23,10 @@ def repo(tmp_path):
     notebook(tmp_path, "03_train", "train_config = 'configs/t.yaml'\ntrain_run = None\nbatch_size = 2\n")
     notebook(tmp_path, "04_eval", "eval_out = None\nbatch_size = 2\nruns = {}\n")
     notebook(tmp_path, "99_index", "eval_out = None\n")
-    (tmp_path / "notebooks" / "stages.yaml").write_text("03_train: []\n04_eval: [03_train]\n99_index: all\n")
+    (tmp_path / "notebooks" / "stages.yaml").write_text(
+        '03_train: {products: ["{train_run}/final/x.json", "{figures}/curves.png"]}\n'
+        '04_eval: {after: [03_train], products: ["{eval_out}/table.md", {path: "{results}/sub.md", if: runs}]}\n'
+        "99_index: {after: all}\n")
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "t.yaml").write_text("x: 1\n")
     (tmp_path / "params.yaml").write_text(
@@ -42,6 +45,8 @@ def test_each_stage_gets_only_its_parameters_with_the_profiles_paths(repo):
     assert index.params == {"eval_out": "results/demo/mc"}
     assert train.configs == ("configs/t.yaml",) and evaluate.configs == ("configs/t.yaml",) and index.configs == ()
     assert (train.after, evaluate.after, index.after) == ((), ("03_train",), ("03_train", "04_eval"))
+    assert train.products == ("runs/demo/fuser/final/x.json", "figures/demo/curves.png")
+    assert evaluate.products == ("results/demo/mc/table.md", "results/demo/sub.md") and index.products == ()
     assert profile.downstream("03_train") == {"04_eval", "99_index"} and profile.downstream("99_index") == set()
 
 
@@ -66,10 +71,25 @@ def test_a_broken_profile_names_its_problem(repo, edit, message):
         load_profile(path, root=repo)
 
 
+def test_a_product_written_only_if_a_parameter_is_set_is_left_out_where_it_is_not(repo):
+    path = repo / "params.yaml"
+    path.write_text(path.read_text().replace('runs: {a: "{runs}/fuser/final", b: [configs/t.yaml, "{figures}"]}', "runs: {}"))
+    assert load_profile(path, root=repo).stages["04_eval"].products == ("results/demo/mc/table.md",)
+
+
 @pytest.mark.parametrize("graph, message", [
-    ("03_train: []\n04_eval: [03_train]\n", r"every notebook once: missing \['99_index'\]"),
-    ("03_train: []\n04_eval: [03_trian]\n99_index: all\n", "runs after \\['03_trian'\\], not another stage"),
-    ("03_train: [99_index]\n04_eval: [03_train]\n99_index: all\n", "cycle: 03_train -> 99_index -> 03_train"),
+    ("03_train: {}\n04_eval: {after: [03_train]}\n", r"every notebook once: missing \['99_index'\]"),
+    ("03_train: {}\n04_eval: {after: [03_trian]}\n99_index: {after: all}\n", "runs after \\['03_trian'\\], not another stage"),
+    ("03_train: {after: [99_index]}\n04_eval: {after: [03_train]}\n99_index: {after: all}\n",
+     "cycle: 03_train -> 99_index -> 03_train"),
+    ("03_train: [04_eval]\n04_eval: {}\n99_index: {}\n", r"stage 03_train must be a mapping with the keys \('after', 'products'\)"),
+    ("03_train: {writes: [x]}\n04_eval: {}\n99_index: {}\n", "stage 03_train must be a mapping"),
+    ('03_train: {products: ["{results}/{trian_run}.md"]}\n04_eval: {}\n99_index: {}\n',
+     r"stage 03_train: product .*\{trian_run\} is neither \{runs\}, \{results\}, \{figures\} nor a parameter"),
+    ('03_train: {products: ["{batch_size}/x.md"]}\n04_eval: {}\n99_index: {}\n', r"naming a folder \(its value: 8\)"),
+    ('03_train: {products: [{path: x.md, if: eval_out}]}\n04_eval: {}\n99_index: {}\n',
+     r"written if 'eval_out', which is not a parameter of the stage"),
+    ('03_train: {products: [{file: x.md}]}\n04_eval: {}\n99_index: {}\n', r"a product is a path or \{path"),
 ])
 def test_a_broken_stage_graph_names_its_problem(repo, graph, message):
     (repo / "notebooks" / "stages.yaml").write_text(graph)
@@ -84,7 +104,12 @@ def test_the_make_rules_name_each_stages_configs_and_upstreams_and_unchanged_fil
     assert rules == ["results/demo/notebooks/03_train.ipynb: configs/t.yaml",
                      "results/demo/notebooks/04_eval.ipynb: configs/t.yaml results/demo/notebooks/03_train.ipynb",
                      "results/demo/notebooks/99_index.ipynb: results/demo/notebooks/03_train.ipynb "
-                     "results/demo/notebooks/04_eval.ipynb"]
+                     "results/demo/notebooks/04_eval.ipynb",
+                     "runs/demo/fuser/final/x.json figures/demo/curves.png: results/demo/notebooks/03_train.ipynb",
+                     "results/demo/mc/table.md results/demo/sub.md: results/demo/notebooks/04_eval.ipynb",
+                     "PRODUCTS_03_train := runs/demo/fuser/final/x.json figures/demo/curves.png",
+                     "PRODUCTS_04_eval := results/demo/mc/table.md results/demo/sub.md",
+                     "PRODUCTS_99_index := "]
     assert (params_dir / "99_index.yaml").read_text() == "eval_out: results/demo/mc\n"
     before = {p.name: p.stat().st_mtime_ns for p in params_dir.iterdir()}
     monkeypatch.chdir(repo)  # the CLI reads the notebooks of the current folder (the repository's root)

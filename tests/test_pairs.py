@@ -3,13 +3,15 @@ models, sizes counted without embeddings, and the table's numbers against hand-c
 
 import json
 import math
+import shutil
 
 import pytest
 import yaml
 
 from c2c.evaluate import load_eval_config
 from c2c.models import load_model
-from c2c.pairs import (Pair, combination_rows, eval_config_for_pair, evaluate_combination, non_embedding_parameters,
+from c2c.pairs import (Pair, combination_rows, eval_config_for_pair, eval_config_with_fuser, evaluate_combination,
+                       non_embedding_parameters,
                        pair_row, parse_pairs)
 from conftest import make_fuser
 
@@ -63,6 +65,11 @@ def test_a_pair_is_evaluated_with_its_own_fusers_models(tmp_path, tiny_receiver,
     unnamed = _saved_fuser(tmp_path / "unnamed", tiny_receiver, tiny_sharer)
     with pytest.raises(ValueError, match="does not name the receiver and sharer"):
         eval_config_for_pair(base, unnamed, benchmark="arc-challenge", limit=None, methods=("c2c",), name="x")
+    # the whole config with the fuser's models (notebook 20): every method, benchmark and setting kept
+    whole = eval_config_with_fuser(base, folder)
+    assert (whole["receiver"], whole["sharer"], whole["fuser"]) == ("tiny-receiver", "tiny-sharer", {"checkpoint": str(folder)})
+    assert whole["methods"] == ["receiver", "sharer", "c2c"] and len(whole["benchmarks"]) == 2 and whole["routing"]
+    assert "output" not in whole and whole["comparisons"] == [["c2c", "receiver"]]
 
 
 @pytest.mark.parametrize("name", ["tiny-receiver", "tiny-sharer"])
@@ -106,6 +113,14 @@ def test_a_row_of_the_table_is_computed_from_the_records(tmp_path, tiny_receiver
     assert (row["t2t"], row["t2t_n"], row["t2t_gain"], row["t2t_gain_p"]) == (75.0, 4, 0.0, 1.0)
     assert (row["c2c_minus_t2t"], row["c2c_minus_t2t_p"]) == (0.0, 1.0)
     assert "t2t" not in pair_row(pair, out, None, benchmark="mmlu")
+    # records under other keys (an eval config whose methods carry none: <name>_<scoring>) give the same row
+    for method in ("receiver", "sharer", "c2c"):
+        shutil.copytree(out / "eval" / method, out / "eval" / f"{method}_logits")
+    shutil.copytree(out / "t2t_subset" / "eval" / "t2t", out / "t2t_subset" / "eval" / "t2t_logits")
+    keys = {method: f"{method}_logits" for method in ("receiver", "sharer", "c2c", "t2t")}
+    assert pair_row(pair, out, out / "t2t_subset", benchmark="mmlu", keys=keys) == row
+    shutil.rmtree(out / "eval" / "c2c")
+    assert pair_row(pair, out, None, benchmark="mmlu", keys={"c2c": "c2c_logits"})["c2c"] == 60.0
 
 
 def test_a_combination_needs_two_pairs_with_one_receiver(tmp_path, tiny_receiver, tiny_sharer):

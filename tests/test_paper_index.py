@@ -101,3 +101,21 @@ def test_the_latent_row_names_each_receiver_and_setting():
     rows = [{"sharers": "none", "r1": "34.5", "r1_low": "30", "r1_high": "39", "r1_n": "4", "r2": "38.0"},
             {"sharers": "all", "r1": "51.0", "r1_gain": "16.5", "r1_gain_p": "0.01", "r2": "59.75"}]
     assert _ours_latent(rows) == "r1: none 34.5, all 51.0; r2: none 38.0, all 59.8"
+
+
+def test_every_file_of_the_index_is_a_product_of_its_notebook_or_a_stage_it_reads():
+    """Each result and figure an index row names is declared in notebooks/stages.yaml by the row's notebook or an upstream
+    of it (figures by their PNG), in every profile, so `make <file>` runs what writes it."""
+    from c2c.config import load_profile
+
+    for profile in ("tiny", "small", "paper"):
+        stages = load_profile(ROOT / "params" / f"{profile}.yaml").stages
+        places = {"results": f"results/{profile}", "figures": f"figures/{profile}",
+                  "eval_out": stages["99_paper_index"].params["analysis_eval_out"]}
+        for entry in (e for e in ENTRIES if e.kind == "computed"):
+            stage = stages[entry.notebook]
+            products = {path for name in (stage.name, *stage.after) for path in stages[name].products}
+            for template in entry.results + entry.figures:
+                path = template.format(**places).removesuffix(".pdf")
+                path = path + ".png" if template.endswith(".pdf") else path
+                assert path in products, f"{profile}: {entry.item} names {path}, not a product of {entry.notebook}"
