@@ -601,7 +601,11 @@ def test_a_single_notebook_target_checks_the_profile_and_leaves_no_partial_noteb
     assert done.returncode != 0 and "boom" in done.stderr + done.stdout
     executed = tmp_path / "results" / "tiny" / "notebooks"
     assert list(executed.iterdir()) == []  # neither a .partial nor a finished-looking notebook
-    write_notebook(tmp_path / "notebooks" / "01_oracle_cache_enrichment.ipynb", "print('fine')")
+    products = ["results/tiny/oracle_cache_enrichment.csv", "results/tiny/oracle_cache_enrichment.md",
+                "figures/tiny/oracle_cache_enrichment.png"]  # its products (notebooks/stages.yaml)
+    write_notebook(tmp_path / "notebooks" / "01_oracle_cache_enrichment.ipynb",
+                   f"from pathlib import Path\nfor name in {products!r}:\n    path = Path('..') / name\n"
+                   "    path.parent.mkdir(parents=True, exist_ok=True)\n    path.write_text('fine')")
     assert make_in_copy(tmp_path, "01_oracle_cache_enrichment", "PROFILE=tiny").returncode == 0
     assert [p.name for p in executed.iterdir()] == ["01_oracle_cache_enrichment.ipynb"]
 
