@@ -281,36 +281,30 @@ def test_make_set_overrides_the_parameters_of_the_notebooks_that_take_them(tmp_p
 
 
 
-def stand_in_notebook(path: Path, writes: list[str]) -> None:
-    """A notebook taking notebook 05's parameters that writes only `writes` (paths relative to the repository)."""
-    parameters = "profile = 'tiny'\ndevice = 'cpu'\ndtype = 'float32'\nlatency_args = ''\nlatency_rerun = True\n"
-    body = "from pathlib import Path\nfor name in %r:\n    path = Path('..') / name\n" \
-           "    path.parent.mkdir(parents=True, exist_ok=True)\n    path.write_text('x')\n" % (writes,)
-    cells = [{"cell_type": "code", "id": "p", "metadata": {"tags": ["parameters"]}, "source": parameters, "outputs": [],
-              "execution_count": None},
-             {"cell_type": "code", "id": "b", "metadata": {}, "source": body, "outputs": [], "execution_count": None}]
-    path.write_text(json.dumps({"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                                                           "language": "python"}},
-                                "nbformat": 4, "nbformat_minor": 5}))
+def files_written_by(paths: list[str]) -> str:
+    """Notebook code that writes each of `paths` (relative to the repository; make runs notebooks in notebooks/)."""
+    return (f"from pathlib import Path\nfor name in {paths!r}:\n    path = Path('..') / name\n"
+            "    path.parent.mkdir(parents=True, exist_ok=True)\n    path.write_text('x')")
 
 
 def test_a_stage_that_leaves_out_a_declared_product_fails_and_make_of_a_product_runs_its_stage(tmp_path):
-    """Notebook 05 replaced by stand-ins: one that writes one of its three products fails, naming the other two, and
-    leaves no executed notebook; one that writes why the profile does not run it passes; `make <product>` runs the
+    """Notebook 05's body replaced by stand-ins: one that writes one of its three products fails, naming the other two,
+    and leaves no executed notebook; one that writes why the profile does not run it passes; `make <product>` runs the
     stage that declares it, and nothing once it is newer than its stage."""
     for folder in ("notebooks", "configs"):
         shutil.copytree(ROOT / folder, tmp_path / folder)
     notebook, executed = tmp_path / "notebooks" / "05_latency.ipynb", tmp_path / "results/tiny/notebooks/05_latency.ipynb"
-    stand_in_notebook(notebook, ["results/tiny/latency.csv"])
+    write_notebook(notebook, files_written_by(["results/tiny/latency.csv"]))
     done = make_in_copy(tmp_path, "05_latency", "PROFILE=tiny")
     assert done.returncode != 0 and not executed.exists()
     assert "05_latency finished without writing its products: results/tiny/latency_ratios.md figures/tiny/latency.png" \
         in done.stdout, done.stdout + done.stderr
-    stand_in_notebook(notebook, ["results/tiny/not_run/05_latency.txt"])
+    write_notebook(notebook, files_written_by(["results/tiny/not_run/05_latency.txt"]))
     assert make_in_copy(tmp_path, "05_latency", "PROFILE=tiny").returncode == 0 and executed.exists()
     executed.unlink()
     (tmp_path / "results/tiny/not_run/05_latency.txt").unlink()
-    stand_in_notebook(notebook, ["results/tiny/latency.csv", "results/tiny/latency_ratios.md", "figures/tiny/latency.png"])
+    write_notebook(notebook, files_written_by(["results/tiny/latency.csv", "results/tiny/latency_ratios.md",
+                                               "figures/tiny/latency.png"]))
     done = make_in_copy(tmp_path, "results/tiny/latency_ratios.md", "PROFILE=tiny")
     assert done.returncode == 0 and executed.exists(), done.stdout + done.stderr
     assert "papermill" not in make_in_copy(tmp_path, "-n", "figures/tiny/latency.png", "PROFILE=tiny").stdout
@@ -603,9 +597,7 @@ def test_a_single_notebook_target_checks_the_profile_and_leaves_no_partial_noteb
     assert list(executed.iterdir()) == []  # neither a .partial nor a finished-looking notebook
     products = ["results/tiny/oracle_cache_enrichment.csv", "results/tiny/oracle_cache_enrichment.md",
                 "figures/tiny/oracle_cache_enrichment.png"]  # its products (notebooks/stages.yaml)
-    write_notebook(tmp_path / "notebooks" / "01_oracle_cache_enrichment.ipynb",
-                   f"from pathlib import Path\nfor name in {products!r}:\n    path = Path('..') / name\n"
-                   "    path.parent.mkdir(parents=True, exist_ok=True)\n    path.write_text('fine')")
+    write_notebook(tmp_path / "notebooks" / "01_oracle_cache_enrichment.ipynb", files_written_by(products))
     assert make_in_copy(tmp_path, "01_oracle_cache_enrichment", "PROFILE=tiny").returncode == 0
     assert [p.name for p in executed.iterdir()] == ["01_oracle_cache_enrichment.ipynb"]
 
