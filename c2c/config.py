@@ -13,7 +13,7 @@ Two files make a profile:
   ``{path: ..., if: <parameter>}`` when only written while that parameter is set). A stage re-runs when its
   notebook, its parameters, a config file they name, a ``c2c`` source or an upstream stage changed; ``make
   <product>`` runs the stage that writes it, and a stage that ends without writing every product fails, unless
-  it wrote why this profile does not run it (``results/<profile>/not_run/<notebook>.txt``).
+  it wrote why this profile does not run it (``c2c.paths.record_not_run``).
 
 A notebook's parameters cell names the parameters it takes; each stage gets exactly those (``Stage.params``,
 written to ``<params dir>/<notebook>.yaml``, rewritten only when they change, so editing one notebook's

@@ -10,7 +10,7 @@ row a status:
 * ``stand-in``: the same analysis on this profile's models and data;
 * ``schematic``: a diagram, nothing to compute;
 * ``not run``: with the reason its notebook gave for not running in this profile
-  (``results/<profile>/not_run/<notebook>.txt``), or else the files it lacks.
+  (``c2c.paths.not_run_note``), or else the files it lacks.
 
 A stand-in's ``reason`` column holds its note (how it differs from the paper's item), if it has one.
 
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from c2c.oracle import write_table
+from c2c.paths import not_run_note
 
 @dataclass(frozen=True)
 class Entry:
@@ -316,8 +317,8 @@ def build_index(profile: str, eval_out: str, root: str | os.PathLike) -> list[di
         missing = [f for f in results + figures if not (root / f).is_file()]
         if entry.kind == "schematic":
             status, reason = "schematic", "nothing to compute"
-        elif missing and (root / places["results"] / "not_run" / f"{entry.notebook}.txt").is_file():
-            why = (root / places["results"] / "not_run" / f"{entry.notebook}.txt").read_text(encoding="utf-8")
+        elif missing and not_run_note(profile, entry.notebook, root).is_file():
+            why = not_run_note(profile, entry.notebook, root).read_text(encoding="utf-8")
             status, reason = "not run", f"not run in the {profile} profile: {why.strip()}"
         elif missing:
             status, reason = "not run", f"not produced yet: {', '.join(missing)} (run notebook {entry.notebook})"

@@ -27,3 +27,21 @@ def repo_relative(path: str | os.PathLike) -> str:
     same string on every machine and from every working folder), else absolute."""
     resolved = repo_path(path).resolve()
     return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else str(resolved)
+
+
+def not_run_note(profile: str, notebook: str, root: str | os.PathLike = REPO_ROOT) -> Path:
+    """Where a notebook records why a profile does not run it: ``results/<profile>/not_run/<notebook>.txt``. The
+    reproduction index shows the reason, and the Makefile's product check accepts a notebook that wrote one."""
+    return Path(root) / "results" / profile / "not_run" / f"{notebook}.txt"
+
+
+def record_not_run(profile: str, notebook: str, reason: str | None) -> bool:
+    """Write the reason a profile does not run a notebook, or remove an earlier one when there is none (reason
+    None or empty); True when the notebook runs."""
+    note = not_run_note(profile, notebook)
+    if reason:
+        note.parent.mkdir(parents=True, exist_ok=True)
+        note.write_text(reason.strip() + "\n", encoding="utf-8")
+        return False
+    note.unlink(missing_ok=True)
+    return True

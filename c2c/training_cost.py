@@ -16,22 +16,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from c2c.jsonl import read_jsonl
-from c2c.train import checkpoints
+from c2c.train import checkpoints, read_log
 
 FINAL = "final"
-
-
-def read_log(run: str | os.PathLike) -> list[dict]:
-    """The records of a run's log.jsonl (read only)."""
-    path = Path(run) / "log.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: train the fuser first (notebook 03, or python -m c2c.train "
-                                "--config <its config>), or fix the run folder in the profile's parameters")
-    records = read_jsonl(path, fix=f"delete {Path(run)} and retrain")
-    if not records:
-        raise ValueError(f"{path} holds no records")
-    return records
 
 
 def loss_curves(log: list[dict]) -> list[dict]:
@@ -58,6 +45,9 @@ def checkpoint_times(run: str | os.PathLike) -> list[dict]:
     """
     run = Path(run)
     log = read_log(run)
+    if not log:
+        raise ValueError(f"{run / 'log.jsonl'} holds no records: train the fuser (notebook 03, or python -m c2c.train "
+                         "--config <its config>)")
     logged = {r["step"]: r.get("elapsed_s") for r in log}
     folders = [(int(folder.name.split("-")[1]), folder) for folder in checkpoints(run)]
     if (run / FINAL / "fuser_config.json").is_file():

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from c2c.train import train
-from c2c.training_cost import checkpoint_times, loss_curves, read_log, smooth
+from c2c.train import read_log, train
+from c2c.training_cost import checkpoint_times, loss_curves, smooth
 from conftest import make_fuser
 
 
@@ -47,8 +47,11 @@ def test_a_log_without_elapsed_time_falls_back_to_file_times(tmp_path, tiny_rece
     (run / "checkpoint-000050" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="incomplete"):
         checkpoint_times(run)
-    with pytest.raises(FileNotFoundError, match="train the fuser first"):
-        read_log(tmp_path / "nothing")
+    (run / "log.jsonl").write_text("")
+    with pytest.raises(ValueError, match="holds no records: train the fuser"):
+        checkpoint_times(run)
+    with pytest.raises(FileNotFoundError, match="holds no training run"):
+        checkpoint_times(tmp_path / "nothing")
 
 
 def test_smoothing():
