@@ -226,7 +226,8 @@ ENTRIES: tuple[Entry, ...] = (
           paper="mean of 4: Project 20.70, +Fuse 44.88, +Gate 47.95", ours=_ours_ablation,
           note="held-out loss and, on the knowledge-transfer task, held-out facts; the same notebook scores the variants "
                "of params ablation_eval_runs on a benchmark into ablations_benchmark.csv|md (Table 8's measure; the "
-               "small profile's MC-regime variants are configured, not yet trained)"),
+               "small profile's '+ fusion' row and its Identical control were trained and scored by CLI, see "
+               "README; the projection row and notebook 07 not yet run)"),
     Entry("Table 9", "Default C2C vs C2C-C with PGR (Qwen3-4B -> Qwen3-0.6B)", "16_model_pairs",
           _both("{results}/complex_fuser"), _figure("complex_fuser"), paper="MMLU-Redux: T2T 42.95, C2C 45.92, C2C-C 62.78 (PGR 76%)",
           ours=_ours_complex, note="a pair of pair_runs whose fuser has sharer_mlp_layers: 3 beside the pair with the "

@@ -150,6 +150,12 @@ README_CLI_RESULTS = {
                                          "for its variants)",
     "results/small/mc/diagnostics_identical.json": "python -m c2c.diagnostics on the Identical control",
     "results/small/mc/ties.md": "python -m c2c.ties --eval-out results/small/mc (notebook 09 runs it for its variants)",
+    "results/small/train_throughput.json": "python benchmarks/train_throughput.py --cases small (a benchmark, not a stage)",
+    # notebook 07's "+ fusion" run, scored by c2c.pairs.evaluate_pair as 07 does: 07 writes the ARC folder when it runs
+    # (ablation_benchmark); MMLU and OpenBookQA until 07 scores its variants on more than one benchmark
+    "results/small/ablations_benchmark/mc_fusion/main_table.md": "c2c.pairs.evaluate_pair(benchmark='arc-challenge')",
+    "results/small/no_gate_mmlu/mc_fusion/main_table.md": "c2c.pairs.evaluate_pair(benchmark='mmlu')",
+    "results/small/no_gate_openbookqa/mc_fusion/main_table.md": "c2c.pairs.evaluate_pair(benchmark='openbookqa')",
 }
 
 
