@@ -254,10 +254,11 @@ def test_make_redoes_a_notebook_whose_config_or_code_changed_and_the_notebooks_t
     assert redone() == {"10_effective_rank", "99_paper_index"}
     assert "erank_limit: 32" in (tmp_path / "build" / "small" / "params" / "10_effective_rank.yaml").read_text()
     executed_now()
+    # 03 trains the Identical control, 07 its no-gate variant; the notebooks after 03 follow
     assert redone("configs/train_small_mc_identical.yaml") == {
-        "03_train_fuser", "04_main_table", "00_quickstart", "09_recipe_variants", "10_effective_rank", "11_phase_timing",
-        "12_answer_overlap", "13_mmlu_subcategories", "14_fused_fraction", "15_training_cost", "16_model_pairs",
-        "17_gsm8k_workflow", "99_paper_index"}
+        "03_train_fuser", "04_main_table", "00_quickstart", "07_ablations", "09_recipe_variants", "10_effective_rank",
+        "11_phase_timing", "12_answer_overlap", "13_mmlu_subcategories", "14_fused_fraction", "15_training_cost",
+        "16_model_pairs", "17_gsm8k_workflow", "99_paper_index"}
     assert redone("c2c/fuser.py") == set(notebooks)
 
 
