@@ -93,8 +93,8 @@ announce:
 # papermill writes <name>.partial.ipynb, renamed when the notebook finished and wrote every product the stage
 # declares (PRODUCTS_<notebook>, from notebooks/stages.yaml; `make results/small/mc/main_table.md` runs the stage that
 # writes it), and removed when it failed, was interrupted (its error is printed above) or left a product out (unless
-# it wrote why this profile does not run it: results/<profile>/not_run/<notebook>.txt, c2c.paths.record_not_run), so an executed notebook in
-# $(EXECUTED) always ran to the end.
+# it wrote why this profile does not run it: results/<profile>/not_run/<notebook>.txt, c2c.paths.record_not_run), so
+# an executed notebook in $(EXECUTED) always ran to the end.
 $(NOTEBOOKS): %: $(EXECUTED)/%.ipynb
 
 C2C_SOURCES := $(wildcard c2c/*.py)

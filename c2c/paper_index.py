@@ -316,11 +316,11 @@ def build_index(profile: str, eval_out: str, root: str | os.PathLike) -> list[di
         results = [template.format(**places) for template in entry.results]
         figures = [template.format(**places) for template in entry.figures]
         missing = [f for f in results + figures if not (root / f).is_file()]
+        note = not_run_note(profile, entry.notebook, root)
         if entry.kind == "schematic":
             status, reason = "schematic", "nothing to compute"
-        elif missing and not_run_note(profile, entry.notebook, root).is_file():
-            why = not_run_note(profile, entry.notebook, root).read_text(encoding="utf-8")
-            status, reason = "not run", f"not run in the {profile} profile: {why.strip()}"
+        elif missing and note.is_file():
+            status, reason = "not run", f"not run in the {profile} profile: {note.read_text(encoding='utf-8').strip()}"
         elif missing:
             status, reason = "not run", f"not produced yet: {', '.join(missing)} (run notebook {entry.notebook})"
         else:

@@ -35,10 +35,10 @@ def not_run_note(profile: str, notebook: str, root: str | os.PathLike = REPO_ROO
     return Path(root) / "results" / profile / "not_run" / f"{notebook}.txt"
 
 
-def record_not_run(profile: str, notebook: str, reason: str | None) -> bool:
+def record_not_run(profile: str, notebook: str, reason: str | None, root: str | os.PathLike = REPO_ROOT) -> bool:
     """Write the reason a profile does not run a notebook, or remove an earlier one when there is none (reason
     None or empty); True when the notebook runs."""
-    note = not_run_note(profile, notebook)
+    note = not_run_note(profile, notebook, root)
     if reason:
         note.parent.mkdir(parents=True, exist_ok=True)
         note.write_text(reason.strip() + "\n", encoding="utf-8")

@@ -6,6 +6,7 @@ from pathlib import Path
 from c2c.oracle import write_table
 from c2c.paper_index import (ENTRIES, _ours_ablation, _ours_latent, _ours_longbench, _ours_sources, build_index,
                              write_index)
+from c2c.paths import record_not_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,13 +82,16 @@ def test_the_table_6_row_names_each_of_single_identical_and_c2c_or_says_not_run(
 def test_a_notebook_that_does_not_run_in_a_profile_gives_its_reason(tmp_path):
     rows = {r["item"]: r for r in build_index("small", "results/small", tmp_path)}
     assert rows["Table 5"]["reason"].startswith("not produced yet: results/small/longbench_table5.csv")
-    (tmp_path / "results/small/not_run").mkdir(parents=True)
-    (tmp_path / "results/small/not_run/18_longbench.txt").write_text("no LongBench offline\n")
+    assert not record_not_run("small", "18_longbench", "  no LongBench offline\n", tmp_path)  # what notebook 18 calls
+    assert (tmp_path / "results/small/not_run/18_longbench.txt").read_text() == "no LongBench offline\n"
     rows = {r["item"]: r for r in build_index("small", "results/small", tmp_path)}
     for item in ("Table 5", "Table 11"):
         assert rows[item]["status"] == "not run"
         assert rows[item]["reason"] == "not run in the small profile: no LongBench offline"
     assert rows["Table 1"]["reason"].startswith("not produced yet")  # another notebook's marker only
+    assert record_not_run("small", "18_longbench", None, tmp_path)  # a profile that runs it removes the old reason
+    rows = {r["item"]: r for r in build_index("small", "results/small", tmp_path)}
+    assert rows["Table 5"]["reason"].startswith("not produced yet")
 
 
 def test_the_longbench_rows_name_every_bucket():
