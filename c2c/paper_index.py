@@ -83,7 +83,12 @@ def _ours_sources(rows):
 
 
 def _ours_ablation(rows):
-    """Accuracy on held-out facts where notebook 07 trained on the fact task, else the held-out loss."""
+    """Benchmark accuracy of each variant (notebook 07's ablations_benchmark: Table 8's measure); for its other
+    table, accuracy on held-out facts where it trained on the fact task, else the held-out loss."""
+    if all(r.get("c2c") not in (None, "") for r in rows):
+        return (", ".join(f"{r['variant']} {float(r['c2c']):.1f}" for r in rows)
+                + f" (accuracy %, {rows[0]['n']} items; receiver {float(rows[0]['receiver']):.1f}, "
+                  f"sharer {float(rows[0]['sharer']):.1f})")
     if all(r.get("answer_accuracy") not in (None, "") for r in rows):
         return ", ".join(f"{r['variant']} {_pct(r['answer_accuracy'])}" for r in rows) + " (held-out facts)"
     return ", ".join(f"{r['variant']} {float(r['held_out_loss']):.3f}" for r in rows) + " (held-out loss, nats/token)"
@@ -222,12 +227,13 @@ ENTRIES: tuple[Entry, ...] = (
           note="the profile's own pairs (params pair_runs); the paper profile runs only notebook 03's pair until the "
                "MMLU-regime configs of the other four exist (issue 17)"),
     Entry("Table 8", "Fuser ablation: Project / +Fuse / +Gate", "07_ablations",
-          _both("{results}/ablations"), _figure("ablations"),
+          (*_both("{results}/ablations_benchmark"), *_both("{results}/ablations")),
+          (*_figure("ablations_benchmark"), *_figure("ablations")),
           paper="mean of 4: Project 20.70, +Fuse 44.88, +Gate 47.95", ours=_ours_ablation,
-          note="held-out loss and, on the knowledge-transfer task, held-out facts; the same notebook scores the variants "
-               "of params ablation_eval_runs on a benchmark into ablations_benchmark.csv|md (Table 8's measure; the "
-               "small profile's '+ fusion' row and its Identical control were trained and scored by CLI, see "
-               "README; the projection row and notebook 07 not yet run)"),
+          note="the variants of params ablation_eval_runs trained and scored on one benchmark (ablations_benchmark: "
+               "Table 8's measure; the small profile's are in the MC regime, with the no-gate variant's Identical "
+               "control, and the README adds its MMLU and OpenBookQA scores); ablations.csv|md: the variants on "
+               "the knowledge-transfer task (held-out facts) or the training task (held-out loss)"),
     Entry("Table 9", "Default C2C vs C2C-C with PGR (Qwen3-4B -> Qwen3-0.6B)", "16_model_pairs",
           _both("{results}/complex_fuser"), _figure("complex_fuser"), paper="MMLU-Redux: T2T 42.95, C2C 45.92, C2C-C 62.78 (PGR 76%)",
           ours=_ours_complex, note="a pair of pair_runs whose fuser has sharer_mlp_layers: 3 beside the pair with the "

@@ -62,12 +62,15 @@ def test_eval_out_places_the_main_table(tmp_path):
     assert "results/small/mc/main_table.csv" in rows["Table 4"]["reason"]
 
 
-def test_the_ablation_row_reads_accuracy_or_loss_as_notebook_07_wrote_them():
+def test_the_ablation_row_reads_benchmark_accuracy_facts_or_loss_as_notebook_07_wrote_them():
     facts = [{"variant": "projection", "held_out_loss": "0.5", "answer_accuracy": "0.25"},
              {"variant": "full", "held_out_loss": "0.25", "answer_accuracy": "0.5"}]
     assert "held-out facts" in _ours_ablation(facts) and "50" in _ours_ablation(facts)
     general = [{"variant": "projection", "held_out_loss": "11.75"}, {"variant": "full", "held_out_loss": "11.5"}]
     assert _ours_ablation(general) == "projection 11.750, full 11.500 (held-out loss, nats/token)"
+    benchmark = [{"variant": "projection", "n": "1172", "receiver": "27.56", "sharer": "60.58", "c2c": "25.0"},
+                 {"variant": "+ gate", "n": "1172", "receiver": "27.56", "sharer": "60.58", "c2c": "39.85"}]
+    assert _ours_ablation(benchmark) == "projection 25.0, + gate 39.9 (accuracy %, 1172 items; receiver 27.6, sharer 60.6)"
 
 
 def test_the_table_6_row_names_each_of_single_identical_and_c2c_or_says_not_run():
