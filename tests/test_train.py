@@ -309,8 +309,12 @@ def test_every_shipped_train_config_loads(path):
     assert load_train_config(path).output_dir
 
 
-def test_the_complex_fuser_config_differs_from_the_main_run_only_in_the_fuser_mlp():
+def test_the_complex_fuser_config_differs_from_the_main_run_only_in_the_fuser_mlp_and_batch_split():
     main = load_train_config(REPO / "configs" / "train_small_mc.yaml")
     complex_run = load_train_config(REPO / "configs" / "train_small_mc_complex.yaml")
     assert complex_run.fuser == {**main.fuser, "sharer_mlp_layers": 3}
-    assert dataclasses.replace(complex_run, fuser=main.fuser, output_dir=main.output_dir) == main
+    # the same examples per optimizer step, split in accumulated halves to fit 24 GB
+    assert complex_run.batch_size * complex_run.grad_accum == main.batch_size * main.grad_accum
+    assert complex_run.grad_accum > main.grad_accum
+    assert dataclasses.replace(complex_run, fuser=main.fuser, output_dir=main.output_dir,
+                               batch_size=main.batch_size, grad_accum=main.grad_accum) == main
