@@ -94,7 +94,8 @@ announce:
 # declares (PRODUCTS_<notebook>, from notebooks/stages.yaml; `make results/small/mc/main_table.md` runs the stage that
 # writes it), and removed when it failed, was interrupted (its error is printed above) or left a product out (unless
 # it wrote why this profile does not run it: results/<profile>/not_run/<notebook>.txt, c2c.paths.record_not_run), so
-# an executed notebook in $(EXECUTED) always ran to the end.
+# an executed notebook in $(EXECUTED) always ran to the end. Progress bars redraw at most every 30 s there
+# (tqdm reads TQDM_MININTERVAL), so the executed copies keep a few lines of progress, not thousands.
 $(NOTEBOOKS): %: $(EXECUTED)/%.ipynb
 
 C2C_SOURCES := $(wildcard c2c/*.py)
@@ -102,7 +103,7 @@ STAGE_PARAMS := build/$(PROFILE)/params
 $(EXECUTED)/%.ipynb: notebooks/%.ipynb $(STAGE_PARAMS)/%.yaml $(C2C_SOURCES) | announce $(STAMP) $(PROFILE_INPUTS)
 	@mkdir -p $(EXECUTED)
 	@trap 'rm -f "$(@:.ipynb=.partial.ipynb)"' EXIT INT TERM; set -e; \
-	  $(PY) -m papermill $< $(@:.ipynb=.partial.ipynb) -f $(STAGE_PARAMS)/$*.yaml --cwd notebooks --log-level ERROR; \
+	  TQDM_MININTERVAL=$${TQDM_MININTERVAL:-30} $(PY) -m papermill $< $(@:.ipynb=.partial.ipynb) -f $(STAGE_PARAMS)/$*.yaml --cwd notebooks --log-level ERROR; \
 	  missing=$$(for f in $(PRODUCTS_$*); do [ -e "$$f" ] || printf ' %s' "$$f"; done); \
 	  if [ -n "$$missing" ] && [ ! -f results/$(PROFILE)/not_run/$*.txt ]; then \
 	    echo "make: $* finished without writing its products:$$missing (notebooks/stages.yaml lists them)"; exit 1; fi; \
