@@ -318,3 +318,10 @@ def test_the_complex_fuser_config_differs_from_the_main_run_only_in_the_fuser_ml
     assert complex_run.grad_accum > main.grad_accum
     assert dataclasses.replace(complex_run, fuser=main.fuser, output_dir=main.output_dir,
                                batch_size=main.batch_size, grad_accum=main.grad_accum) == main
+
+
+def test_the_longer_complex_fuser_run_differs_from_it_only_in_epochs():
+    complex_run = load_train_config(REPO / "configs" / "train_small_mc_complex.yaml")
+    longer = load_train_config(REPO / "configs" / "train_small_mc_complex_4epochs.yaml")
+    assert longer.epochs == 2 * complex_run.epochs and longer.output_dir != complex_run.output_dir
+    assert dataclasses.replace(longer, epochs=complex_run.epochs, output_dir=complex_run.output_dir) == complex_run
