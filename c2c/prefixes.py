@@ -150,10 +150,11 @@ class PrefixStore:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     # ---- filling -------------------------------------------------------------------------------
-    def fill(self, rows: Iterable[Sequence[int]], *, desc: str = "prefix caches") -> int:
+    def fill(self, rows: Iterable[Sequence[int]], *, desc: str = "prefix caches", show_progress: bool = True) -> int:
         """Compute and store the caches of the rows the store lacks; returns how many were computed.
 
-        Longest rows first, `batch_size` at a time, one shard per batch.
+        Longest rows first, `batch_size` at a time, one shard per batch; a progress bar unless the store's
+        `progress` or `show_progress` is off.
         """
         self.reload()
         pending: dict[str, list[int]] = {}
@@ -167,7 +168,8 @@ class PrefixStore:
         if not pending:
             return 0
         order = sorted(pending.items(), key=lambda kv: -len(kv[1]))
-        bar = tqdm(total=len(order), desc=desc, unit="seq", disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(total=len(order), desc=desc, unit="seq", disable=not (self.progress and show_progress),
+                   dynamic_ncols=True)
         try:
             for start in range(0, len(order), self.batch_size):
                 batch = order[start:start + self.batch_size]
@@ -237,7 +239,7 @@ class PrefixStore:
         computed and stored first). Padding positions hold zeros (the attention mask hides them)."""
         rows = unpad_rows(input_ids, attention_mask)
         if any(row not in self for row in rows):
-            self.fill(rows, desc="prefix caches (on demand)")
+            self.fill(rows, show_progress=False)  # one batch: the caller's own bar shows progress
         B, width = input_ids.shape
         stored = [self.get(row) for row in rows]
         G, H, _, D = stored[0].shape
