@@ -139,7 +139,7 @@ def pair_row(pair: Pair, out: str | os.PathLike, t2t_out: str | os.PathLike | No
     """One row of the pairs table from the records of ``out`` (receiver, sharer, C2C) and ``t2t_out`` (T2T on a
     subset, or None): the models and their sizes (non-embedding parameters), the fuser's ``sharer_mlp_layers`` (0:
     default C2C, 3: the paper's C2C-C, Table 9), accuracies (%) with 95% intervals, C2C - receiver with its paired 95%
-    interval and exact McNemar p, C2C's PGR ((C2C - receiver) / (sharer - receiver), None when they tie), and on the
+    interval and exact McNemar p, C2C's PGR ((C2C - receiver) / (sharer - receiver), None unless the sharer beats the receiver), and on the
     T2T subset T2T - receiver and C2C - T2T the same way. ``keys``: the record key of a method where it is not the
     method's name (``{"c2c": "c2c_logits"}``: an evaluation config whose methods carry no key)."""
     keys = {method: method for method in PAIR_METHODS + T2T_METHODS} | (keys or {})
@@ -151,7 +151,8 @@ def pair_row(pair: Pair, out: str | os.PathLike, t2t_out: str | os.PathLike | No
     for key in PAIR_METHODS:
         row.update(_accuracy(key, records[key]))
     row.update(_gain("c2c", paired_by_id(records["c2c"], records["receiver"])))
-    recovered = pgr(row["c2c"], row["receiver"], row["sharer"])
+    # a gap to recover only where the sharer beats the receiver (else the ratio's sign flips: meaningless)
+    recovered = pgr(row["c2c"], row["receiver"], row["sharer"]) if row["sharer"] > row["receiver"] else None
     row["c2c_pgr"] = None if recovered is None else round(100 * recovered, 2)
     if t2t_out is not None:
         t2t = method_records(t2t_out, keys["t2t"], benchmark)

@@ -121,6 +121,10 @@ def test_a_row_of_the_table_is_computed_from_the_records(tmp_path, tiny_receiver
     assert pair_row(pair, out, out / "t2t_subset", benchmark="mmlu", keys=keys) == row
     shutil.rmtree(out / "eval" / "c2c")
     assert pair_row(pair, out, None, benchmark="mmlu", keys={"c2c": "c2c_logits"})["c2c"] == 60.0
+    # a sharer below the receiver leaves no gap to recover: no PGR (the ratio would be -300%)
+    shutil.rmtree(out / "eval" / "sharer")
+    _write_records(out, "sharer", [1, 1] + [0] * 8)
+    assert pair_row(pair, out, None, benchmark="mmlu", keys={"c2c": "c2c_logits"})["c2c_pgr"] is None
 
 
 def test_a_combination_needs_two_pairs_with_one_receiver(tmp_path, tiny_receiver, tiny_sharer):
