@@ -325,3 +325,10 @@ def test_the_longer_complex_fuser_run_differs_from_it_only_in_epochs():
     longer = load_train_config(REPO / "configs" / "train_small_mc_complex_4epochs.yaml")
     assert longer.epochs == 2 * complex_run.epochs and longer.output_dir != complex_run.output_dir
     assert dataclasses.replace(longer, epochs=complex_run.epochs, output_dir=complex_run.output_dir) == complex_run
+
+
+def test_the_longer_main_run_differs_from_it_only_in_epochs():
+    main_run = load_train_config(REPO / "configs" / "train_small_mc.yaml")
+    longer = load_train_config(REPO / "configs" / "train_small_mc_4epochs.yaml")
+    assert longer.epochs == 2 * main_run.epochs and longer.output_dir != main_run.output_dir
+    assert dataclasses.replace(longer, epochs=main_run.epochs, output_dir=main_run.output_dir) == main_run
