@@ -12,6 +12,7 @@ a row of the table, with 95% intervals and paired exact McNemar tests against th
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +139,7 @@ def pair_row(pair: Pair, out: str | os.PathLike, t2t_out: str | os.PathLike | No
              keys: dict[str, str] | None = None) -> dict:
     """One row of the pairs table from the records of ``out`` (receiver, sharer, C2C) and ``t2t_out`` (T2T on a
     subset, or None): the models and their sizes (non-embedding parameters), the fuser's ``sharer_mlp_layers`` (0:
-    default C2C, 3: the paper's C2C-C, Table 9), accuracies (%) with 95% intervals, C2C - receiver with its paired 95%
+    default C2C, 3: the paper's C2C-C, Table 9) and training steps, accuracies (%) with 95% intervals, C2C - receiver with its paired 95%
     interval and exact McNemar p, C2C's PGR ((C2C - receiver) / (sharer - receiver), None unless the sharer beats the receiver), and on the
     T2T subset T2T - receiver and C2C - T2T the same way. ``keys``: the record key of a method where it is not the
     method's name (``{"c2c": "c2c_logits"}``: an evaluation config whose methods carry no key)."""
@@ -147,7 +148,8 @@ def pair_row(pair: Pair, out: str | os.PathLike, t2t_out: str | os.PathLike | No
     fuser = FuserConfig.from_json_file(pair.run / "final" / CONFIG_NAME)
     row = {"pair": pair.label, "receiver_model": fuser.receiver, "sharer_model": fuser.sharer,
            "receiver_size": non_embedding_parameters(fuser.receiver), "sharer_size": non_embedding_parameters(fuser.sharer),
-           "sharer_mlp_layers": fuser.sharer_mlp_layers, "benchmark": benchmark, "n": len(records["c2c"])}
+           "sharer_mlp_layers": fuser.sharer_mlp_layers, "train_steps": train_steps(pair.run), "benchmark": benchmark,
+           "n": len(records["c2c"])}
     for key in PAIR_METHODS:
         row.update(_accuracy(key, records[key]))
     row.update(_gain("c2c", paired_by_id(records["c2c"], records["receiver"])))
@@ -162,6 +164,31 @@ def pair_row(pair: Pair, out: str | os.PathLike, t2t_out: str | os.PathLike | No
         versus_t2t = paired_by_id(records["c2c"], t2t)
         row.update({"c2c_minus_t2t": round(100 * versus_t2t.difference, 2), "c2c_minus_t2t_p": versus_t2t.p_value})
     return row
+
+
+def train_steps(run: Path) -> int:
+    """The optimizer steps of a finished training run (its ``data_stats.json``, written by ``c2c.train``)."""
+    stats = Path(run) / "data_stats.json"
+    if not stats.is_file():
+        raise FileNotFoundError(f"{stats} does not exist: {run} is not a c2c.train run folder; train the pair first")
+    return int(json.loads(stats.read_text(encoding="utf-8"))["total_steps"])
+
+
+def complex_partners(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """Table 9's comparisons: each C2C-C row (``sharer_mlp_layers`` > 0) with the default fuser's row of the same
+    receiver and sharer trained for the nearest number of steps (the first such row on a tie): a longer-trained
+    C2C-C is compared with a longer-trained default fuser where the table has one. Both rows carry their steps."""
+    partners = []
+    for row in rows:
+        if not row["sharer_mlp_layers"]:
+            continue
+        same = [r for r in rows if not r["sharer_mlp_layers"]
+                and (r["receiver_model"], r["sharer_model"]) == (row["receiver_model"], row["sharer_model"])]
+        if not same:
+            raise ValueError(f"{row['pair']}: no pair with the same models and the default fuser to compare it with; "
+                             "add one to pair_runs")
+        partners.append((min(same, key=lambda r: abs(r["train_steps"] - row["train_steps"])), row))
+    return partners
 
 
 def _accuracy(column: str, records: list[dict]) -> dict:

@@ -182,8 +182,9 @@ def _ours_complex(rows):
     def pgr(value):
         return f" (PGR {float(value):.0f}%)" if value not in ("", None) else ""
 
-    return "; ".join(f"C2C {float(r['c2c']):.1f}{pgr(r['c2c_pgr'])}, C2C-C {float(r['c2c_complex']):.1f}"
-                     f"{pgr(r['c2c_complex_pgr'])}" for r in rows)
+    return "; ".join(f"C2C {float(r['c2c']):.1f}{pgr(r['c2c_pgr'])} ({r['train_steps']} steps), C2C-C "
+                     f"{float(r['c2c_complex']):.1f}{pgr(r['c2c_complex_pgr'])} ({r['c2c_complex_train_steps']} steps)"
+                     for r in rows)
 
 
 def _ours_gates(rows):

@@ -10,9 +10,8 @@ import yaml
 
 from c2c.evaluate import load_eval_config
 from c2c.models import load_model
-from c2c.pairs import (Pair, combination_rows, eval_config_for_pair, eval_config_with_fuser, evaluate_combination,
-                       non_embedding_parameters,
-                       pair_row, parse_pairs)
+from c2c.pairs import (Pair, combination_rows, complex_partners, eval_config_for_pair, eval_config_with_fuser,
+                       evaluate_combination, non_embedding_parameters, pair_row, parse_pairs)
 from conftest import make_fuser
 
 TINY_TRAIN = "configs/train_tiny.yaml"
@@ -93,6 +92,7 @@ def test_a_row_of_the_table_is_computed_from_the_records(tmp_path, tiny_receiver
     pair = Pair("tiny pair", TINY_TRAIN, {"output_dir": str(tmp_path / "run")})
     out = tmp_path / "out"
     receiver = [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+    (tmp_path / "run" / "data_stats.json").write_text(json.dumps({"train_examples": 99, "total_steps": 7}))
     c2c = [1, 1, 0, 1, 1, 1, 1, 0, 0, 0]  # vs the receiver: 4 items only C2C gets, 1 only the receiver
     _write_records(out, "receiver", receiver)
     _write_records(out, "sharer", [1] * 8 + [0, 0])
@@ -109,6 +109,7 @@ def test_a_row_of_the_table_is_computed_from_the_records(tmp_path, tiny_receiver
     assert row["c2c_gain"] == 30.0 and row["c2c_gain_p"] == pytest.approx(2 * (1 + 5) / 2**5)  # exact McNemar, 4 vs 1
     assert row["c2c_gain_low"] < 30.0 < row["c2c_gain_high"]
     assert row["c2c_pgr"] == 60.0 and row["sharer_mlp_layers"] == 0  # (60 - 30) / (80 - 30): default C2C
+    assert row["train_steps"] == 7
     # on the first 4 items: T2T 3/4, receiver 3/4 (1 each way), C2C 3/4 (vs T2T: 1 each way)
     assert (row["t2t"], row["t2t_n"], row["t2t_gain"], row["t2t_gain_p"]) == (75.0, 4, 0.0, 1.0)
     assert (row["c2c_minus_t2t"], row["c2c_minus_t2t_p"]) == (0.0, 1.0)
@@ -125,6 +126,23 @@ def test_a_row_of_the_table_is_computed_from_the_records(tmp_path, tiny_receiver
     shutil.rmtree(out / "eval" / "sharer")
     _write_records(out, "sharer", [1, 1] + [0] * 8)
     assert pair_row(pair, out, None, benchmark="mmlu", keys={"c2c": "c2c_logits"})["c2c_pgr"] is None
+    (tmp_path / "run" / "data_stats.json").unlink()
+    with pytest.raises(FileNotFoundError, match="data_stats.json does not exist"):
+        pair_row(pair, out, None, benchmark="mmlu", keys={"c2c": "c2c_logits"})
+
+
+def test_each_complex_fuser_is_compared_with_the_default_fuser_of_its_models_and_budget():
+    def row(pair, sharer, layers, steps):
+        return {"pair": pair, "receiver_model": "r", "sharer_model": sharer, "sharer_mlp_layers": layers,
+                "train_steps": steps}
+
+    rows = [row("C2C", "s", 0, 246), row("other sharer", "t", 0, 492), row("C2C, 4 epochs", "s", 0, 492),
+            row("C2C-C", "s", 3, 246), row("C2C-C, 4 epochs", "s", 3, 492), row("C2C-C, 300 steps", "s", 3, 300)]
+    found = [(default["pair"], complex_row["pair"]) for default, complex_row in complex_partners(rows)]
+    assert found == [("C2C", "C2C-C"), ("C2C, 4 epochs", "C2C-C, 4 epochs"), ("C2C", "C2C-C, 300 steps")]
+    assert complex_partners(rows[:3]) == []
+    with pytest.raises(ValueError, match="C2C-C, 4 epochs: no pair with the same models and the default fuser"):
+        complex_partners([row("other sharer", "t", 0, 492), row("C2C-C, 4 epochs", "s", 3, 492)])
 
 
 def test_a_combination_needs_two_pairs_with_one_receiver(tmp_path, tiny_receiver, tiny_sharer):
