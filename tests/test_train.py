@@ -327,8 +327,9 @@ def test_the_longer_complex_fuser_run_differs_from_it_only_in_epochs():
     assert dataclasses.replace(longer, epochs=complex_run.epochs, output_dir=complex_run.output_dir) == complex_run
 
 
-def test_the_longer_main_run_differs_from_it_only_in_epochs():
-    main_run = load_train_config(REPO / "configs" / "train_small_mc.yaml")
-    longer = load_train_config(REPO / "configs" / "train_small_mc_4epochs.yaml")
-    assert longer.epochs == 2 * main_run.epochs and longer.output_dir != main_run.output_dir
-    assert dataclasses.replace(longer, epochs=main_run.epochs, output_dir=main_run.output_dir) == main_run
+@pytest.mark.parametrize("name", ["train_small_mc", "train_small_mc_identical"])
+def test_the_longer_main_and_control_runs_differ_from_theirs_only_in_epochs(name):
+    run = load_train_config(REPO / "configs" / f"{name}.yaml")
+    longer = load_train_config(REPO / "configs" / f"{name}_4epochs.yaml")
+    assert longer.epochs == 2 * run.epochs and longer.output_dir != run.output_dir
+    assert dataclasses.replace(longer, epochs=run.epochs, output_dir=run.output_dir) == run
