@@ -238,7 +238,8 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("Table 9", "Default C2C vs C2C-C with PGR (Qwen3-4B -> Qwen3-0.6B)", "16_model_pairs",
           _both("{results}/complex_fuser"), _figure("complex_fuser"), paper="MMLU-Redux: T2T 42.95, C2C 45.92, C2C-C 62.78 (PGR 76%)",
           ours=_ours_complex, note="a pair of pair_runs whose fuser has sharer_mlp_layers: 3 beside the pair with the "
-                                   "same models and the default fuser"),
+                                   "same models, the default fuser and the nearest number of training steps "
+                                   "(c2c.pairs.complex_partners)"),
     Entry("Table 10", "Accuracy with one layer enriched", "02_layer_enrichment",
           _both("{results}/layer_enrichment"), _figure("layer_enrichment"),
           paper="layers 4 (58.52) and 16 (58.45) beat Direct (58.42); worst 14 (54.24)", ours=_ours_layers),
