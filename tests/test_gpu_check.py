@@ -28,8 +28,9 @@ def test_dry_run_prints_the_plan_and_checks_its_inputs(gpu_check):
     assert result.returncode == 0, result.stdout + result.stderr
     for step in gpu_check.plan(Path("out"), "tok"):
         assert f"] {step.name}: " in result.stdout
-    assert f"time limits {gpu_check.STEP_LIMITS_TOTAL_S} s in all (budget 480 s)" in result.stdout
-    assert gpu_check.STEP_LIMITS_TOTAL_S <= 450
+    assert f"time limits {gpu_check.STEP_LIMITS_TOTAL_S} s in all (budget 540 s)" in result.stdout
+    assert gpu_check.STEP_LIMITS_TOTAL_S <= 540 - 30  # time to start Python and write the summary
+    assert gpu_check.BUDGET_S + 60 <= 600  # a lent machine's limit per command, a minute left to install the wheels
     assert "CUDA tests: 8 collected" in result.stdout and "nothing run" in result.stdout
 
 
