@@ -14,7 +14,7 @@ from c2c.data import collate_examples, load_conversations, tokenize_chats
 from c2c.fused import C2CModel
 from c2c.fuser import FuserConfig, gate_temperature
 from c2c.train import checkpoints, continuation_loss, linear_schedule, main, optimizer_groups, read_log, train
-from c2c.train_config import TrainConfig, load_train_config, parse_args
+from c2c.train_config import TrainConfig, load_train_config, parse_args, run_fields
 from c2c.transfer import run_knowledge_transfer
 from conftest import make_fuser
 
@@ -316,15 +316,23 @@ def test_the_complex_fuser_config_differs_from_the_main_run_only_in_the_fuser_ml
     # the same examples per optimizer step, split in accumulated halves to fit 24 GB
     assert complex_run.batch_size * complex_run.grad_accum == main.batch_size * main.grad_accum
     assert complex_run.grad_accum > main.grad_accum
-    assert dataclasses.replace(complex_run, fuser=main.fuser, output_dir=main.output_dir,
-                               batch_size=main.batch_size, grad_accum=main.grad_accum) == main
+    assert run_fields(dataclasses.replace(complex_run, fuser=main.fuser, batch_size=main.batch_size,
+                                          grad_accum=main.grad_accum)) == run_fields(main)
 
 
 def test_the_longer_complex_fuser_run_differs_from_it_only_in_epochs():
     complex_run = load_train_config(REPO / "configs" / "train_small_mc_complex.yaml")
     longer = load_train_config(REPO / "configs" / "train_small_mc_complex_4epochs.yaml")
     assert longer.epochs == 2 * complex_run.epochs and longer.output_dir != complex_run.output_dir
-    assert dataclasses.replace(longer, epochs=complex_run.epochs, output_dir=complex_run.output_dir) == complex_run
+    assert run_fields(dataclasses.replace(longer, epochs=complex_run.epochs)) == run_fields(complex_run)
+
+
+@pytest.mark.parametrize("profile", ["tiny", "small", "paper"])
+def test_notebook_03s_run_keeps_every_checkpoint_for_table_12(profile):
+    """Table 12 (notebook 15) scores the checkpoints of notebook 03's run; other runs may keep only the newest."""
+    params = yaml.safe_load((REPO / "params" / f"{profile}.yaml").read_text())
+    assert params["cost_checkpoint_runs"]
+    assert load_train_config(REPO / params["train_config"]).keep_checkpoints is None
 
 
 @pytest.mark.parametrize("name", ["train_small_mc", "train_small_mc_identical"])
@@ -332,4 +340,4 @@ def test_the_longer_main_and_control_runs_differ_from_theirs_only_in_epochs(name
     run = load_train_config(REPO / "configs" / f"{name}.yaml")
     longer = load_train_config(REPO / "configs" / f"{name}_4epochs.yaml")
     assert longer.epochs == 2 * run.epochs and longer.output_dir != run.output_dir
-    assert dataclasses.replace(longer, epochs=run.epochs, output_dir=run.output_dir) == run
+    assert run_fields(dataclasses.replace(longer, epochs=run.epochs)) == run_fields(run)
