@@ -119,8 +119,10 @@ def kv_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Dy
 
 
 def decoder_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DynamicCache:
-    """`kv_cache` computed by the model, never from a store."""
-    cache = DynamicCache(config=model.config)
+    """`kv_cache` computed by the model, never from a store. Every layer keeps every position: a cache built from
+    the model's config would keep only the last window of a sliding-window layer (Gemma 3), and fusion reads the
+    sharer at every prompt position; the attention mask applies the window either way."""
+    cache = DynamicCache()
     with torch.no_grad():
         model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=position_ids(attention_mask), cache=cache, use_cache=True)

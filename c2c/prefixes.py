@@ -184,11 +184,7 @@ class PrefixStore:
         """Caches of the rows, each (2L, H, n, D) on the CPU, in the model's dtype."""
         model = self.model
         ids, mask = left_pad(rows, 0, model.device)
-        cache = decoder_cache(model, ids, mask)
-        lengths = {layer.keys.shape[2] for layer in cache.layers}
-        if lengths != {ids.shape[1]}:
-            raise ValueError(f"the model's cache keeps {sorted(lengths)} positions of {ids.shape[1]} (a sliding-window "
-                             "layer?); prefix stores need every position of every layer")
+        cache = decoder_cache(model, ids, mask)  # every position of every layer
         kv = torch.stack([t for layer in cache.layers for t in (layer.keys, layer.values)])  # (2L, B, H, W, D)
         width = ids.shape[1]
         return [kv[:, b, :, width - len(row):].to("cpu").contiguous() for b, row in enumerate(rows)]
@@ -247,7 +243,7 @@ class PrefixStore:
         kv = torch.zeros(G, B, H, width, D, device=device, dtype=dtype)  # (2L, B, H, W, D)
         for b, tensor in enumerate(stored):
             kv[:, b, :, width - tensor.shape[2]:] = tensor.to(device=device, dtype=dtype)
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache()  # every position of every layer, as c2c.fused.decoder_cache computes it
         for layer in range(G // 2):
             cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
         return cache

@@ -7,7 +7,11 @@ import pytest
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from c2c.fused import STATIC_CACHE_MULTIPLE, C2CModel, generate_from_prefix, requested_max_new_tokens, to_static_cache
+from transformers import DynamicCache
+
+from c2c.fused import (STATIC_CACHE_MULTIPLE, C2CModel, FusedInputs, SharerInputs, generate_from_prefix, kv_cache,
+                       position_ids, prefix_cache, requested_max_new_tokens, to_static_cache)
+from c2c.prefixes import PrefixStore
 from conftest import make_fuser
 
 PROMPTS = [
@@ -234,3 +238,63 @@ def test_bad_inputs_raise_clear_errors(tiny_receiver, tiny_sharer):
                  alignment=None)
     with pytest.raises(ValueError, match="one tokenizer and one fuser per sharer"):
         C2CModel(receiver, receiver_tokenizer, [sharer], [sharer_tokenizer], [])
+
+
+@pytest.fixture(scope="module")
+def sliding_sharer(tiny_receiver):
+    """A tiny random Gemma-3 text model on the receiver's vocabulary whose first three layers attend to a 4-token
+    window (Gemma-3-270M: 15 of 18 layers, window 512): transformers' own cache keeps only their last 3 positions."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=tiny_receiver[0].config.vocab_size, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                              sliding_window=4, max_position_embeddings=128,
+                              layer_types=["sliding_attention"] * 3 + ["full_attention"])
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(config).eval()
+
+
+def long_prompts(vocab: int, width: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts longer than the sliding window, the second left-padded by 3: ids and mask (2, width)."""
+    ids = torch.randint(3, vocab, (2, width), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    return ids, mask
+
+
+def test_a_sliding_window_sharers_cache_holds_every_position_of_every_layer(sliding_sharer):
+    ids, mask = long_prompts(sliding_sharer.config.vocab_size)
+    cache = kv_cache(sliding_sharer, ids, mask)
+    assert {layer.keys.shape[2] for layer in cache.layers} == {ids.shape[1]}
+    # reference: each position's K/V as the last entry of transformers' own (sliding) cache of the prompt up to it
+    for t in range(3, ids.shape[1]):
+        reference = DynamicCache(config=sliding_sharer.config)
+        with torch.no_grad():
+            sliding_sharer.get_decoder()(input_ids=ids[:, :t + 1], attention_mask=mask[:, :t + 1],
+                                         position_ids=position_ids(mask[:, :t + 1]), cache=reference, use_cache=True)
+        assert reference.layers[0].keys.shape[2] < t + 1  # the reference's sliding layers really drop positions
+        for ours, theirs in zip(cache.layers, reference.layers):
+            torch.testing.assert_close(ours.keys[:, :, t], theirs.keys[:, :, -1], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(ours.values[:, :, t], theirs.values[:, :, -1], rtol=1e-5, atol=1e-6)
+
+
+def test_a_sliding_window_sharer_fuses_prompts_longer_than_its_window(tiny_receiver, sliding_sharer, tmp_path):
+    receiver = tiny_receiver[0]
+    ids, mask = long_prompts(receiver.config.vocab_size)
+    index = torch.arange(ids.shape[1]).expand(2, -1)
+    inputs = FusedInputs(ids, mask, [SharerInputs(ids, mask, index, mask.bool())])
+    closed = C2CModel(receiver, None, [sliding_sharer], None, [make_fuser(receiver, sliding_sharer, gate_logit=-1.0)])
+    alone = generate_from_prefix(receiver, ids, mask, **GREEDY)
+    assert torch.equal(closed.generate(inputs, **GREEDY).sequences, alone.sequences)
+    opened = C2CModel(receiver, None, [sliding_sharer], None, [make_fuser(receiver, sliding_sharer, gate_logit=1.0)])
+    online = opened.prefill(inputs)
+    assert not torch.equal(online.layers[0].keys, prefix_cache(receiver, ids, mask).layers[0].keys)
+    # the prefix store (cached-prompt training and evaluation) accepts the sharer and gives the same fused cache
+    store = PrefixStore(sliding_sharer, tmp_path / "store", progress=False).attach()
+    try:
+        stored = opened.prefill(inputs)
+    finally:
+        store.detach()
+    assert len(store) == 2
+    for a, b in zip(online.layers, stored.layers):
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-5)
