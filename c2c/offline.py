@@ -78,6 +78,22 @@ class OfflineModel:
     sha256: str
     parts: tuple[tuple[str, str], ...]
     description: str = ""
+    chat_template: str | None = None  # given to the converted tokenizer where the GGUF carries none
+
+
+# Gemma 3's turn format (<start_of_turn>user / model ... <end_of_turn>, a system message opening the first user turn),
+# for the base GGUF, whose tokenizer has no template: c2c.align renders each model's own template spans
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] + '\n\n' %}{% set turns = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\n' }}"
+    "{{ (system if loop.first else '') + message['content'] + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
 
 
 def _numbered(package: str, version: str, count: int, member: str) -> tuple[tuple[str, str], ...]:
@@ -124,7 +140,9 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
                 )
                 for n in range(1, 5)
             ),
-            description="Gemma-3-270M base, Q4_K_M (gemma3, 18 layers, no chat template)",
+            description="Gemma-3-270M base, Q4_K_M (gemma3, 18 layers, 15 with a 512-token sliding window; the GGUF "
+                        "has no chat template: Gemma 3's turn format is added on conversion)",
+            chat_template=GEMMA3_CHAT_TEMPLATE,
         ),
     ]
 }
@@ -134,6 +152,7 @@ SMALL_PROFILE_MODELS = (
     "qwen2.5-coder-0.5b-instruct",
     "qwen2.5-coder-1.5b-instruct",
     "smollm2-135m-instruct",
+    "gemma-3-270m",
 )
 # the small profile's (receiver, sharer) pair (configs/train_small_mc.yaml), as model sources
 SMALL_PAIR = ("offline:qwen2.5-coder-0.5b-instruct", "offline:qwen2.5-coder-1.5b-instruct")
@@ -430,6 +449,8 @@ def convert_to_safetensors(name: str) -> Path:
         del model.config.quantization_config
     partial = target.with_name(f"{target.name}.partial{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
+    if spec.chat_template is not None:
+        tokenizer.chat_template = spec.chat_template
     model.save_pretrained(partial, safe_serialization=True)
     tokenizer.save_pretrained(partial)
     files = write_manifest(partial)
@@ -440,6 +461,7 @@ def convert_to_safetensors(name: str) -> Path:
                 "gguf_file": gguf.name,
                 "gguf_sha256": spec.sha256,
                 "dtype": "float32",
+                "chat_template_sha256": _template_sha256(spec),
                 "transformers": transformers.__version__,
                 "files": files,
             },
@@ -470,7 +492,13 @@ def _hf_problems(folder: Path, spec: OfflineModel) -> list[str]:
         return [f"it was converted from another GGUF than {spec.filename} ({spec.sha256[:12]}...)"]
     if not isinstance(record.get("files"), dict):
         return ["it was converted without recording its files' SHA-256 (by an older version)"]
+    if record.get("chat_template_sha256") != _template_sha256(spec):
+        return ["it was converted with another chat template than the one this version gives it"]
     return verify_manifest(folder, record["files"])
+
+
+def _template_sha256(spec: OfflineModel) -> str | None:
+    return None if spec.chat_template is None else hashlib.sha256(spec.chat_template.encode()).hexdigest()
 
 
 def fetch_model(name: str) -> Path:

