@@ -327,6 +327,13 @@ def test_the_longer_complex_fuser_run_differs_from_it_only_in_epochs():
     assert run_fields(dataclasses.replace(longer, epochs=complex_run.epochs)) == run_fields(complex_run)
 
 
+def test_the_gemma_sharer_run_differs_from_the_smollm2_run_only_in_the_sharer():
+    smollm = load_train_config(REPO / "configs" / "train_small_mc_smollm.yaml")
+    gemma = load_train_config(REPO / "configs" / "train_small_mc_gemma.yaml")
+    assert gemma.sharer == "offline:gemma-3-270m" and gemma.output_dir != smollm.output_dir
+    assert run_fields(dataclasses.replace(gemma, sharer=smollm.sharer)) == run_fields(smollm)
+
+
 @pytest.mark.parametrize("profile", ["tiny", "small", "paper"])
 def test_notebook_03s_run_keeps_every_checkpoint_for_table_12(profile):
     """Table 12 (notebook 15) scores the checkpoints of notebook 03's run; other runs may keep only the newest."""
