@@ -225,8 +225,8 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("Table 7", "Other model combinations and swapped roles", "16_model_pairs",
           _both("{results}/model_pairs"), _figure("model_pairs_gain"),
           paper="Qwen2.5-Coder-0.5B -> Qwen3-0.6B: receiver 35.53, T2T 39.74, C2C 46.89 (MMLU-Redux)", ours=_ours_pairs,
-          note="the profile's own pairs (params pair_runs); the paper profile has Table 7's rows but Gemma3-1B's "
-               "(its tokenizer is not among the rehearsal's, so that path is unchecked)"),
+          note="the profile's own pairs (params pair_runs); the paper profile has Table 7's rows, Gemma3-1B's "
+               "rehearsed with SmolLM2's tokenizer standing in for Gemma 3's (not among the offline tokenizers)"),
     Entry("Table 8", "Fuser ablation: Project / +Fuse / +Gate", "07_ablations",
           (*_both("{results}/ablations_benchmark"), *_both("{results}/ablations")),
           (*_figure("ablations_benchmark"), *_figure("ablations")),
