@@ -153,8 +153,7 @@ def pair_row(pair: Pair, out: str | os.PathLike, t2t_out: str | os.PathLike | No
     for key in PAIR_METHODS:
         row.update(_accuracy(key, records[key]))
     row.update(_gain("c2c", paired_by_id(records["c2c"], records["receiver"])))
-    # a gap to recover only where the sharer beats the receiver (else the ratio's sign flips: meaningless)
-    recovered = pgr(row["c2c"], row["receiver"], row["sharer"]) if row["sharer"] > row["receiver"] else None
+    recovered = pgr(row["c2c"], row["receiver"], row["sharer"])
     row["c2c_pgr"] = None if recovered is None else round(100 * recovered, 2)
     if t2t_out is not None:
         t2t = method_records(t2t_out, keys["t2t"], benchmark)

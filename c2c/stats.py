@@ -108,7 +108,8 @@ def paired_by_id(records_a: Sequence[dict], records_b: Sequence[dict],
 
 
 def pgr(method: float, weak: float, strong: float) -> float | None:
-    """Performance gap recovered: (method - weak) / (strong - weak); None when strong == weak."""
-    if strong == weak:
+    """Performance gap recovered: (method - weak) / (strong - weak); None when the strong model is not above the weak
+    one (no gap to recover: the ratio of two differences below zero would read as a recovery)."""
+    if strong <= weak:
         return None
     return (method - weak) / (strong - weak)

@@ -44,6 +44,7 @@ def test_paired_comparison_counts_discordant_items_and_its_interval_covers_the_t
 def test_pgr_is_the_share_of_the_gap_recovered():
     assert pgr(0.51, 0.257, 0.60) == pytest.approx((0.51 - 0.257) / (0.60 - 0.257))
     assert pgr(0.3, 0.3, 0.3) is None
+    assert pgr(26.58, 28.86, 23.95) is None  # a sharer below the receiver leaves no gap (not a recovery of 46%)
     # the paper's Table 9, C2C-C on ARC-C: (80.96 - 41.04) / (87.48 - 41.04) = 85.96%
     assert pgr(80.96, 41.04, 87.48) == pytest.approx(0.8596, abs=1e-4)
 
