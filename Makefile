@@ -164,7 +164,7 @@ gpu-check:
 
 # wheels, at their locked versions, for the GPU machine's Python 3.12: transformers, and datasets with the
 # dependencies an H200 machine lacked (tests/test_cuda.py imports it; its pyarrow is the machine's own: the wheel
-# is too big for the 64 MiB carry). GPU_WHEELS="$(GPU_WHEELS) regex" adds one.
+# is too big for the 64 MiB carry). GPU_WHEELS on the command line replaces this list: repeat it to add a wheel.
 GPU_WHEELS ?= transformers datasets dill fsspec multiprocess xxhash
 gpu-inputs: $(STAMP)
 	@mkdir -p .gpu-inputs/wheels .gpu-inputs/tokenizers

@@ -23,9 +23,10 @@ transformers than requirements.lock), with the tree and `.gpu-inputs/` carried:
                                   # datasets dependencies the machine lacks) and the Qwen3 tokenizer
   there: python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu-inputs/wheels/*.whl \\
          && PYTHONPATH=/tmp/site make gpu-check PYTHON=python3; cp -r results/gpu/* "$OUT"/
-If an import then fails for another package's version, add that package's wheel:
-`make gpu-inputs GPU_WHEELS="$(default list) NAME"` (the default is the Makefile's GPU_WHEELS). The machine's torch is its own (not the lock's): the
-summary records the versions used.
+If an import then fails for another package's version, add that package's wheel: GPU_WHEELS on the
+command line replaces the Makefile's list, so give that list with NAME appended
+(`make gpu-inputs GPU_WHEELS="<the Makefile's GPU_WHEELS> NAME"`). The machine's torch is its own (not the lock's):
+the summary records the versions used.
 """
 
 from __future__ import annotations

@@ -141,8 +141,9 @@ def pair_row(pair: Pair, out: str | os.PathLike, t2t_out: str | os.PathLike | No
     subset, or None): the models and their sizes (non-embedding parameters), the fuser's ``sharer_mlp_layers`` (0:
     default C2C, 3: the paper's C2C-C, Table 9) and training steps, accuracies (%) with 95% intervals, C2C - receiver
     with its paired 95% interval and exact McNemar p, C2C's PGR ((C2C - receiver) / (sharer - receiver), None unless
-    the sharer beats the receiver), and on the T2T subset T2T - receiver and C2C - T2T the same way. ``keys``: the record key of a method where it is not the
-    method's name (``{"c2c": "c2c_logits"}``: an evaluation config whose methods carry no key)."""
+    the sharer beats the receiver), and on the T2T subset T2T - receiver and C2C - T2T the same way. ``keys``: the
+    record key of a method where it is not the method's name (``{"c2c": "c2c_logits"}``: an evaluation config whose
+    methods carry no key)."""
     keys = {method: method for method in PAIR_METHODS + T2T_METHODS} | (keys or {})
     records = {method: method_records(out, keys[method], benchmark) for method in PAIR_METHODS}
     fuser = FuserConfig.from_json_file(pair.run / "final" / CONFIG_NAME)

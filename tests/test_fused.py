@@ -5,9 +5,8 @@ from unittest import mock
 
 import pytest
 import torch
+from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig
 from transformers.generation.streamers import BaseStreamer
-
-from transformers import DynamicCache
 
 from c2c.fused import (STATIC_CACHE_MULTIPLE, C2CModel, FusedInputs, SharerInputs, generate_from_prefix, kv_cache,
                        position_ids, prefix_cache, requested_max_new_tokens, to_static_cache)
@@ -244,8 +243,6 @@ def test_bad_inputs_raise_clear_errors(tiny_receiver, tiny_sharer):
 def sliding_sharer(tiny_receiver):
     """A tiny random Gemma-3 text model on the receiver's vocabulary whose first three layers attend to a 4-token
     window (Gemma-3-270M: 15 of 18 layers, window 512): transformers' own cache keeps only their last 3 positions."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
     config = Gemma3TextConfig(vocab_size=tiny_receiver[0].config.vocab_size, hidden_size=32, intermediate_size=64,
                               num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                               sliding_window=4, max_position_embeddings=128,
