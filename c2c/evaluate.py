@@ -1036,7 +1036,7 @@ def _write_report(cfg: dict, out: Path, results: dict, command: str) -> EvalRepo
     if cfg["routing"]:
         report.add_routing()
     report.write()
-    print(f"wrote {out / 'main_table.md'} and {out / 'main_table.csv'}", flush=True)
+    print(f"wrote {repo_relative(out / 'main_table.md')} and {repo_relative(out / 'main_table.csv')}", flush=True)
     return report
 
 

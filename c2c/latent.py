@@ -235,7 +235,7 @@ def train_latent(base_config: str | os.PathLike, receivers: list[str], sharers: 
         raise ValueError(f"{out} holds a latent run with other settings ({settings_file}); delete the folder to "
                          "retrain, or give another output_dir")
     if (out / "final" / CONFIG_NAME).is_file():
-        print(f"c2c.latent: {out} already holds the finished run")
+        print(f"c2c.latent: {repo_relative(out)} already holds the finished run")
         return out
     out.mkdir(parents=True, exist_ok=True)
     settings_file.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
@@ -302,7 +302,7 @@ def train_latent(base_config: str | os.PathLike, receivers: list[str], sharers: 
     for j, receiver in enumerate(receivers):
         for i, sharer in enumerate(sharers):
             export_pair(system, j, i, out / "pairs" / pair_slug(receiver, sharer))
-    print(f"c2c.latent: done, {total_steps} steps; pairs in {out / 'pairs'}")
+    print(f"c2c.latent: done, {total_steps} steps; pairs in {repo_relative(out / 'pairs')}")
     return out
 
 
@@ -403,7 +403,7 @@ def _resume(folder: Path, system: LatentSystem, optimizer, scheduler) -> int:
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     np.random.set_state(state["numpy_rng"])
-    print(f"c2c.latent: resuming from {folder} at step {state['step']}")
+    print(f"c2c.latent: resuming from {repo_relative(folder)} at step {state['step']}")
     return state["step"]
 
 

@@ -39,7 +39,7 @@ from transformers import AutoTokenizer
 from c2c.data import IGNORE_INDEX, batch_order, load_tokenized, split_indices
 from c2c.fused import pad_token_id
 from c2c.models import load_model, resolve_model_source
-from c2c.paths import cache_dir
+from c2c.paths import cache_dir, repo_relative
 from c2c.train import _model_sources, linear_schedule
 from c2c.train_config import TrainConfig, load_train_config, parse_args
 
@@ -109,7 +109,7 @@ def train_single(config: str | os.PathLike | dict | TrainConfig, *, overrides: d
             raise ValueError(f"{out} holds a Single model of another config (differing: {', '.join(changed)}); "
                              "delete it to retrain, or give another output folder")
         if progress:
-            print(f"c2c.single: {out} already holds the finished run")
+            print(f"c2c.single: {repo_relative(out)} already holds the finished run")
         return out
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -163,7 +163,7 @@ def train_single(config: str | os.PathLike | dict | TrainConfig, *, overrides: d
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, seconds, before = state["step"], state["seconds"], state["eval_loss_before"]
-        print(f"c2c.single: resumed from {checkpoint} at step {step}")
+        print(f"c2c.single: resumed from {repo_relative(checkpoint)} at step {step}")
     else:
         step, seconds, before = 0, 0.0, held_out_loss()
     lengths, scored = data.lengths, data.continuation_lengths  # (N,) each
@@ -206,7 +206,7 @@ def train_single(config: str | os.PathLike | dict | TrainConfig, *, overrides: d
     (out / RUN_RECORD).write_text(json.dumps(record, indent=2))  # last: its presence means finished
     if progress:
         print(f"c2c.single: done, {total_steps} steps; held-out loss {before} -> {record['eval_loss_after']}; "
-              f"model in {out}")
+              f"model in {repo_relative(out)}")
     return out
 
 

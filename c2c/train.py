@@ -91,7 +91,7 @@ from c2c.fuser import CONFIG_NAME, WEIGHTS_NAME, C2CFuser, FuserConfig
 from c2c.jsonl import read_jsonl
 from c2c.locks import LOCK_NAME, folder_lock
 from c2c.models import load_model
-from c2c.paths import cache_dir
+from c2c.paths import cache_dir, repo_relative
 from c2c.prefixes import PrefixStore
 from c2c.train_config import (FUSER_OPTIONS, TrainConfig, config_differences, load_train_config, parse_args,
                               run_fields)
@@ -136,7 +136,7 @@ def _train(config: TrainConfig, on_step: Callable[[int, dict], None] | None) -> 
     if (final / CONFIG_NAME).exists() and config.resume_from is None:
         _check_finished_run(final, version)
         if accelerator.is_main_process:
-            print(f"c2c.train: {out} already holds the finished run; final fuser in {final}")
+            print(f"c2c.train: {repo_relative(out)} already holds the finished run; final fuser in {repo_relative(final)}")
         return final
 
     run = build_run(config, accelerator, precision, version)
@@ -171,7 +171,7 @@ def _train(config: TrainConfig, on_step: Callable[[int, dict], None] | None) -> 
     bar.close()
     save_checkpoint(run, progress, final, final=True)
     if run.main:
-        print(f"c2c.train: done, {run.total_steps} steps; final fuser in {final}")
+        print(f"c2c.train: done, {run.total_steps} steps; final fuser in {repo_relative(final)}")
     return final
 
 
@@ -447,7 +447,7 @@ def resume(run: Run) -> Progress:
     local = torch.load(folder / f"rng_state_{run.rank}.pt", map_location="cpu", weights_only=False)
     _set_rng_state(local["rng"])
     if run.main:
-        print(f"c2c.train: resumed from {folder} at step {state['step']}")
+        print(f"c2c.train: resumed from {repo_relative(folder)} at step {state['step']}")
     return Progress(window_loss=local["window_loss"].to(run.device), step=state["step"],
                     window_tokens=state["window_tokens"], elapsed_before=state["elapsed_s"], resumed_from=folder)
 

@@ -230,6 +230,19 @@ def test_bf16_autocast_with_or_without_fp32_master_weights(tmp_path, master):
     assert any(g != 0 for pair in log[-1]["gate_logits"] for g in pair)
 
 
+def test_messages_name_the_run_relative_to_the_repository(tmp_path, capsys, monkeypatch):
+    """What train prints lands in executed notebooks: a run inside the repository is named repo-relative (the same on
+    every machine), not by this machine's absolute path."""
+    monkeypatch.setattr("c2c.paths.REPO_ROOT", tmp_path)
+    config = tiny_run(tmp_path, max_steps=2, eval_every=0)
+    train(config)
+    train(config)
+    shown = capsys.readouterr().out
+    assert "c2c.train: done, 2 steps; final fuser in run/final\n" in shown
+    assert "c2c.train: run already holds the finished run; final fuser in run/final\n" in shown
+    assert str(tmp_path) not in shown
+
+
 def test_a_folder_holding_another_run_is_refused(tmp_path):
     config = tiny_run(tmp_path, max_steps=2)
     train(config)
