@@ -30,22 +30,12 @@ Command line::
 From Python / a notebook: ``run_eval("configs/eval_tiny.yaml", out=...)`` or, for a method object
 you built yourself, ``evaluate(method, items, folder)``.
 
-Config keys (YAML): see ``DEFAULTS``. ``methods``: a list of names (receiver, sharer, t2t, c2c) or
-mappings ``{name, key, label, scoring, max_new_tokens, assistant_prefix, sharer_max_new_tokens,
-t2t_protocol, batch_size}``. ``benchmarks``: a list of names or mappings ``{name, source, split, limit,
-subjects}``; ``source`` (``c2c.benchmarks.resolve_source``): omitted/null = the Hugging Face hub,
-``tiny-fixtures`` = the tiny files (written into ``<out>/eval/fixtures``), ``offline`` / ``offline:<key>`` =
-the offline copies (``c2c.offline.offline_benchmark_path``), else a local file or folder. Models:
-``tiny-receiver``/``tiny-sharer``, ``offline:<name>`` (``c2c.offline.fetch_model``), a folder, a ``.gguf`` file or a hub id.
-``fuser`` (C2C): ``{checkpoint: folder}`` (ours or published) or ``{random: {seed, gate_logit,
-hidden_dim, intermediate_dim}}`` (untrained, for plumbing checks only). Relative paths are
-relative to the current directory.
+Config keys (YAML): ``c2c.eval_config`` (``DEFAULTS``, ``load_eval_config``).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
@@ -55,102 +45,37 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import transformers
 import yaml
 from tqdm.auto import tqdm
 
-from c2c.align import ALIGNMENT_STRATEGIES, DEFAULT_ALIGNMENT
-from c2c.benchmarks import DEFAULT_T2T_PROTOCOL, MCItem, check_t2t_protocol, get_benchmark, load_benchmark, mc_prompt, resolve_source
+from c2c.align import DEFAULT_ALIGNMENT
+from c2c.benchmarks import MCItem, load_benchmark, mc_prompt, resolve_source
 from c2c.checkpoint import PUBLISHED_CONFIG_NAME, load_fuser
+from c2c.eval_config import EVAL_CONFIG, STATIC_CACHE, load_eval_config, read_raw_config
 from c2c.fingerprint import code_version
-from c2c.fused import MULTI_SHARER_MODES, C2CModel
+from c2c.fused import C2CModel
 from c2c.fuser import CONFIG_NAME, FuserConfig, random_fuser
 from c2c.jsonl import append_jsonl, read_jsonl
 from c2c.locks import FolderInUseError, folder_lock
-from c2c.methods import (
-    C2C,
-    DEFAULT_ASSISTANT_PREFIX,
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_T2T_MAX_NEW_TOKENS,
-    METHODS,
-    SCORING_MODES,
-    Method,
-    ReceiverAlone,
-    SharerAlone,
-    TextToText,
-)
+from c2c.main_table import EXAMPLES_SHOWN, BenchmarkResult, EvalReport
+from c2c.methods import C2C, METHODS, SCORING_MODES, Method, ReceiverAlone, SharerAlone, TextToText
 from c2c.models import load_model
 from c2c.paths import repo_path, repo_relative
 from c2c.prefixes import PrefixStore
-from c2c.routing import ROUTING_LABEL, route
-from c2c.stats import paired_by_id, pgr, wilson_interval
 
 log = logging.getLogger(__name__)
 
 # The code that determines an answer (prompts, answer extraction, the benchmark records read, letter scoring, the
 # decode engine, token alignment, the fuser): a change to it makes cached records stale (``code_version``)
 EVAL_CODE = ("c2c.benchmarks", "c2c.benchmark_files", "c2c.methods", "c2c.fused", "c2c.align", "c2c.fuser")
-DTYPES = ("float32", "bfloat16", "float16")
-DEVICE_TYPES = ("cpu", "cuda", "mps")
-
-BENCHMARK_TITLES = {"mmlu-redux": "MMLU-Redux", "arc-challenge": "ARC-C", "openbookqa": "OpenBookQA",
-                    "ceval": "C-Eval", "mmlu": "MMLU"}
-PAPER_BENCHMARKS = ("mmlu-redux", "arc-challenge", "openbookqa", "ceval")
-EVAL_CONFIG = "eval_config.yaml"  # the exact config, next to the table
-EXAMPLES_SHOWN = 3  # parse-failure and error examples per benchmark in the table
 # an item that raises is counted wrong; these stop the run as systematic (items run by this call, longest first):
 FIRST_ITEMS_ALL_FAILED = 20  # the first 20 items (all of them, if fewer) all raised
 MAX_ERROR_FRACTION = 0.01  # more than 1% of the items raised ...
 ERROR_FRACTION_MIN_ITEMS = 100  # ... once at least 100 have run
-
-DEFAULTS: dict[str, Any] = {
-    "name": None,  # the table's title; default: the config file's stem
-    "output": None,  # the run folder; default results/<name>; the CLI's --out wins
-    "receiver": None,  # model source (needed by receiver, t2t, c2c)
-    "sharer": None,  # model source (needed by sharer, t2t, c2c)
-    "dtype": "float32",
-    "device": "auto",  # "auto" = cuda if available, else cpu
-    "fuser": None,  # C2C: {checkpoint: folder} or {random: {...}}
-    "alignment": None,  # token alignment for a sharer with another tokenizer; null = the fuser's (its checkpoint's)
-    "scoring": "generate",  # or "logits"
-    "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
-    "assistant_prefix": DEFAULT_ASSISTANT_PREFIX,  # logits mode only
-    "sharer_max_new_tokens": DEFAULT_T2T_MAX_NEW_TOKENS,  # T2T's background text
-    "t2t_protocol": DEFAULT_T2T_PROTOCOL,  # c2c.benchmarks.T2T_PROTOCOLS: sentence (the paper's v2) or chat (the reference code's)
-    "batch_size": 8,
-    "static_cache": "auto",  # generate scoring: decode with a static cache (auto = on CUDA only), or true / false
-    "limit": None,  # default per benchmark: at most this many items (round-robin over subjects)
-    # keep each model's prompt caches on disk (c2c.prefixes): every method and every later run on the same
-    # items and models reads them, so a new fuser's evaluation costs only the fusion and the scored token
-    "prefix_cache": False,
-    "methods": ["receiver", "sharer", "t2t", "c2c"],
-    "benchmarks": list(PAPER_BENCHMARKS),
-    # pairs [a, b] of method keys: a paired test of a against b on the items both answered (the table's
-    # "Comparisons"); PGR is reported for every method when the receiver and sharer alone both ran
-    "comparisons": [],
-    # Table 4's Routing baseline as a derived row "routing" (c2c.routing: the offline stand-in, half the queries to
-    # each model by the receiver's confidence), from the receiver's and sharer's records (both scoring: logits)
-    "routing": False,
-}
-# "sharer" and "fuser" (C2C only) override the config's for one method, e.g. the Identical control:
-# {name: c2c, key: c2c_identical, sharer: <the receiver>, fuser: {checkpoint: <its fuser>}}.
-# "more_sharers" (C2C only): further sharers, each with its own separately trained fuser, fused in at inference
-# with the first (the paper's Table 13): [{sharer: <model>, fuser: {checkpoint: <folder>}}, ...]; "multi_sharer"
-# says how (c2c.fused.MULTI_SHARER_MODES: each fuser reads the cache the previous ones fused, or all read the
-# receiver's own and their terms are summed)
-# "model" (receiver and sharer only) evaluates another model in that role, e.g. the Single baseline (c2c.single):
-# {name: receiver, key: single, model: runs/<profile>/<run>_single}
-METHOD_KEYS = {"name", "key", "label", "scoring", "max_new_tokens", "assistant_prefix", "sharer_max_new_tokens",
-               "t2t_protocol", "batch_size", "sharer", "fuser", "more_sharers", "multi_sharer", "model"}
-BENCHMARK_KEYS = {"name", "source", "split", "limit", "subjects"}
-STATIC_CACHE = {"auto": None, True: True, False: False}  # config value -> Method(static_cache=...)
-PROJECT_OUTPUTS = ("runs", "results", "build")  # repository folders the project writes models into
-ROUTING_KEY = "routing"  # the derived routing baseline's key in the table and in comparisons
 
 
 class EvaluationError(RuntimeError):
@@ -159,61 +84,6 @@ class EvaluationError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- one method, one benchmark
-
-
-@dataclass
-class BenchmarkResult:
-    """The outcome of one method on one benchmark."""
-
-    method: str  # the method's key (its run folder)
-    label: str
-    benchmark: str
-    records: list[dict]  # one per item, in item order
-    dropped: dict[str, int] = field(default_factory=dict)  # items the benchmark's rules removed
-
-    @property
-    def n(self) -> int:
-        return len(self.records)
-
-    @property
-    def correct(self) -> int:
-        return sum(r["correct"] for r in self.records)
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.n if self.n else float("nan")
-
-    @property
-    def parse_failures(self) -> int:
-        return sum(r["parse_failure"] for r in self.records)
-
-    @property
-    def parse_failure_examples(self) -> list[dict]:
-        return [{"id": r["id"], "text": r["text"]} for r in self.records if r["parse_failure"]][:EXAMPLES_SHOWN]
-
-    @property
-    def errors(self) -> int:
-        """Items whose method raised (counted wrong)."""
-        return sum(bool(r.get("error")) for r in self.records)
-
-    @property
-    def error_examples(self) -> list[dict]:
-        return [{"id": r["id"], "error": r["error"]} for r in self.records if r.get("error")][:EXAMPLES_SHOWN]
-
-    @property
-    def seconds(self) -> float:
-        return sum(r["seconds"] for r in self.records)
-
-    @property
-    def items_per_s(self) -> float:
-        return self.n / self.seconds if self.seconds > 0 else float("nan")
-
-    def summary(self) -> dict[str, Any]:
-        return {"method": self.method, "label": self.label, "benchmark": self.benchmark, "n": self.n,
-                "correct": self.correct, "accuracy": self.accuracy, "parse_failures": self.parse_failures,
-                "parse_failure_examples": self.parse_failure_examples, "errors": self.errors,
-                "error_examples": self.error_examples, "seconds": self.seconds,
-                "items_per_s": self.items_per_s, "dropped_by_rules": self.dropped}
 
 
 def read_records(path: Path) -> list[dict]:
@@ -415,212 +285,6 @@ def _evaluate_locked(method: Method, items_given: Sequence[MCItem], folder: Path
     return BenchmarkResult(key, method.label, benchmark, [done[i] for i in ids], dict(dropped or {}))
 
 
-# --------------------------------------------------------------------------- configs
-
-
-def _read_raw(config: str | os.PathLike | dict) -> dict:
-    """The config's own keys (a YAML file's, or a dict's); ``name`` defaults to the file's stem."""
-    if isinstance(config, dict):
-        return dict(config)
-    path = Path(config)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a config must be a YAML mapping")
-    raw.setdefault("name", path.stem.removeprefix("eval_"))
-    return raw
-
-
-def load_eval_config(config: str | os.PathLike | dict) -> dict:
-    """An evaluation config (YAML file or dict) with defaults filled in and every key checked (a training config is
-    ``c2c.train_config.load_train_config``'s)."""
-    raw = _read_raw(config)
-    unknown = sorted(set(raw) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown config keys {unknown}; known: {', '.join(DEFAULTS)}")
-    cfg = {**DEFAULTS, **raw}
-    cfg["name"] = cfg["name"] or "eval"
-    _check_values(cfg, "")
-    check_t2t_protocol(cfg["t2t_protocol"])
-    _check_settings(cfg)
-    if cfg["scoring"] not in SCORING_MODES:
-        raise ValueError(f"scoring must be one of {SCORING_MODES}, got {cfg['scoring']!r}")
-    if not (cfg["static_cache"] == "auto" or isinstance(cfg["static_cache"], bool)):
-        raise ValueError(f"static_cache must be one of {list(STATIC_CACHE)}, got {cfg['static_cache']!r}")
-    cfg["methods"] = [_method_entry(m, cfg) for m in _as_list(cfg["methods"], "methods")]
-    keys = [m["key"] for m in cfg["methods"]]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"two methods share a key in {keys}; give them distinct 'key's")
-    cfg["benchmarks"] = [_benchmark_entry(b, cfg) for b in _as_list(cfg["benchmarks"], "benchmarks")]
-    names = [b["name"] for b in cfg["benchmarks"]]
-    if len(set(names)) != len(names):
-        raise ValueError(f"a benchmark is listed twice: {names}")
-    comparisons = cfg["comparisons"] or []
-    if not isinstance(comparisons, list) or any(not isinstance(c, (list, tuple)) or len(c) != 2 for c in comparisons):
-        raise ValueError(f"config key 'comparisons' must be a list of [method key, method key] pairs, got {comparisons!r}")
-    if not isinstance(cfg["routing"], bool):
-        raise ValueError(f"config key 'routing' must be true or false, got {cfg['routing']!r}")
-    if cfg["routing"]:
-        names = {m["name"]: m for m in reversed(cfg["methods"])}  # the first of each name, as the report routes
-        if "receiver" not in names or "sharer" not in names or ROUTING_KEY in keys:
-            raise ValueError(f"routing: true needs methods named receiver and sharer and no method keyed "
-                             f"{ROUTING_KEY!r}; the config's methods: {keys}")
-        if any(names[n]["scoring"] != "logits" for n in ("receiver", "sharer")):
-            raise ValueError("routing: true needs the receiver and sharer scored with scoring: logits (the router "
-                             "reads the receiver's letter scores)")
-    unknown = sorted({k for pair in comparisons for k in pair} - set(keys) - ({ROUTING_KEY} if cfg["routing"] else set()))
-    if unknown:
-        raise ValueError(f"comparisons name methods {unknown} that the config does not run; its method keys: {keys}")
-    cfg["comparisons"] = [list(pair) for pair in comparisons]
-    return cfg
-
-
-def _check_values(values: dict, where: str) -> None:
-    """Types and ranges of the per-method settings (top level or one method entry), naming the key."""
-    for key in ("batch_size", "max_new_tokens", "sharer_max_new_tokens", "limit"):
-        value = values.get(key)
-        if value is None and key == "limit":
-            continue
-        if key in values and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"config key {where}{key!r} must be a positive integer"
-                             + (" or null" if key == "limit" else "") + f", got {value!r}")
-    if "assistant_prefix" in values and not isinstance(values["assistant_prefix"], str):
-        raise ValueError(f"config key {where}'assistant_prefix' must be a string, got {values['assistant_prefix']!r}")
-
-
-def _check_settings(cfg: dict) -> None:
-    """The run-wide keys: model sources, dtype, device, alignment, fuser spec (before any model loads)."""
-    for key in ("name", "receiver", "sharer", "output"):
-        if cfg[key] is not None and (not isinstance(cfg[key], (str, os.PathLike)) or not str(cfg[key])):
-            raise ValueError(f"config key {key!r} must be a non-empty string, got {cfg[key]!r}")
-    if cfg["dtype"] not in DTYPES:
-        raise ValueError(f"config key 'dtype' must be one of {list(DTYPES)}, got {cfg['dtype']!r}")
-    device = cfg["device"]
-    if device != "auto":
-        try:
-            kind = torch.device(device).type if isinstance(device, str) else None
-        except RuntimeError:
-            kind = None
-        if kind not in DEVICE_TYPES:
-            raise ValueError(f"config key 'device' must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"config key 'device' is {device!r}, but torch sees no CUDA device here; "
-                             "use device: auto (CUDA where present, else CPU) or cpu")
-    alignment = cfg["alignment"]
-    if alignment is not None and (not isinstance(alignment, str) or alignment not in ALIGNMENT_STRATEGIES):
-        raise ValueError(f"config key 'alignment' must be one of {list(ALIGNMENT_STRATEGIES)} or null, got "
-                         f"{alignment!r}")
-    _check_fuser_spec(cfg["fuser"], "")
-    if not isinstance(cfg["prefix_cache"], bool):
-        raise ValueError(f"config key 'prefix_cache' must be true or false, got {cfg['prefix_cache']!r}")
-
-
-def _check_fuser_spec(spec, where: str) -> None:
-    if spec is None:
-        return
-    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in ("checkpoint", "random"):
-        raise ValueError(f"config key {where}'fuser' must be {{checkpoint: folder}} or {{random: {{...}}}}, "
-                         f"got {spec!r}")
-    if "checkpoint" in spec and not isinstance(spec["checkpoint"], (str, os.PathLike)):
-        raise ValueError(f"config key {where}'fuser.checkpoint' must be a folder, got {spec['checkpoint']!r}")
-    if "random" in spec and not isinstance(spec["random"] or {}, dict):
-        raise ValueError(f"config key {where}'fuser.random' must be a mapping of options, got {spec['random']!r}")
-
-
-def _as_list(value, what: str) -> list:
-    if isinstance(value, (str, dict)):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        raise ValueError(f"{what} must be a non-empty list, got {value!r}")
-    return value
-
-
-def _entry(entry, known: set[str], kind: str) -> dict:
-    """A config list entry as a dict ("name" alone may be a string); unknown keys are refused."""
-    entry = {"name": entry} if isinstance(entry, str) else dict(entry)
-    unknown = sorted(set(entry) - known)
-    if unknown:
-        raise ValueError(f"{kind} entry {entry}: unknown keys {unknown}; known: {sorted(known)}")
-    return entry
-
-
-def _method_entry(entry, cfg: dict) -> dict:
-    entry = _entry(entry, METHOD_KEYS, "method")
-    name = entry.get("name")
-    _check_values(entry, f"methods[{name}].")
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
-    out = {"name": name}
-    for k in ("scoring", "max_new_tokens", "assistant_prefix", "batch_size"):
-        out[k] = entry.get(k, cfg[k])
-    if name == "t2t":
-        out["sharer_max_new_tokens"] = entry.get("sharer_max_new_tokens", cfg["sharer_max_new_tokens"])
-        out["t2t_protocol"] = check_t2t_protocol(entry.get("t2t_protocol", cfg["t2t_protocol"]))
-    if out["scoring"] not in SCORING_MODES:
-        raise ValueError(f"method {name}: scoring must be one of {SCORING_MODES}, got {out['scoring']!r}")
-    out["key"] = entry.get("key") or f"{name}_{out['scoring']}"
-    out["label"] = entry.get("label")
-    if name == "c2c":
-        out["sharer"] = entry.get("sharer", cfg["sharer"])
-        out["fuser"] = entry.get("fuser", cfg["fuser"])
-        _check_fuser_spec(out["fuser"], f"methods[{out['key']}].")
-        out["fuser"] = _relative_checkpoint(out["fuser"])
-        more_sharers = entry.get("more_sharers") or []
-        if not isinstance(more_sharers, list):
-            raise ValueError(f"method {out['key']}: more_sharers must be a list, got {more_sharers!r}")
-        out["more_sharers"] = [_more_sharer(more, f"methods[{out['key']}].more_sharers[{i}].")
-                               for i, more in enumerate(more_sharers)]
-        out["multi_sharer"] = entry.get("multi_sharer", "sequential")
-        if out["multi_sharer"] not in MULTI_SHARER_MODES:
-            raise ValueError(f"method {out['key']}: multi_sharer must be one of {MULTI_SHARER_MODES}, "
-                             f"got {out['multi_sharer']!r}")
-    elif {"sharer", "fuser", "more_sharers", "multi_sharer"} & set(entry):
-        raise ValueError(f"method {name!r}: 'sharer', 'fuser', 'more_sharers' and 'multi_sharer' can be set per "
-                         "method for c2c only")
-    if name in ("receiver", "sharer"):
-        out["model"] = _method_model(entry.get("model", cfg[name]), out["key"])
-    elif "model" in entry:
-        raise ValueError(f"method {name!r}: 'model' can be set per method for receiver and sharer only")
-    needs = {"receiver": ["model"], "sharer": ["model"], "t2t": ["receiver", "sharer"],
-             "c2c": ["receiver", "sharer", "fuser"]}[name]
-    missing = [name if k == "model" else k for k in needs if not out.get(k, cfg.get(k))]
-    if missing:
-        raise ValueError(f"method {name!r} needs config keys {missing}")
-    return out
-
-
-def _method_model(model: str | None, key: str) -> str | None:
-    """A method's own model: a folder this project wrote (runs/, results/, build/: repository-relative) must
-    exist; anything else is what `c2c.models.load_model` takes (offline:name, a local path, a hub id)."""
-    if model and Path(model).parts[0] in PROJECT_OUTPUTS and not repo_path(model).exists():
-        raise FileNotFoundError(f"method {key}: model folder {model!r} does not exist; train it first (the Single "
-                                "baseline: python -m c2c.single --config <the fuser's training config>)")
-    return model
-
-
-def _relative_checkpoint(spec):
-    """A fuser spec with its checkpoint recorded repository-relative: the same from the CLI and a notebook."""
-    return {"checkpoint": repo_relative(spec["checkpoint"])} if spec and "checkpoint" in spec else spec
-
-
-def _more_sharer(entry, where: str) -> dict:
-    """One further sharer of a C2C method: {sharer: <model>, fuser: {checkpoint: ...} or {random: ...}}."""
-    if not isinstance(entry, dict) or set(entry) != {"sharer", "fuser"} or not isinstance(entry["sharer"], str):
-        raise ValueError(f"config key {where[:-1]} must be {{sharer: <model>, fuser: {{checkpoint: <folder>}}}}, "
-                         f"got {entry!r}")
-    _check_fuser_spec(entry["fuser"], where)
-    return {"sharer": entry["sharer"], "fuser": _relative_checkpoint(entry["fuser"])}
-
-
-def _benchmark_entry(entry, cfg: dict) -> dict:
-    entry = _entry(entry, BENCHMARK_KEYS, "benchmark")
-    get_benchmark(entry.get("name"))  # ValueError listing the known ones
-    _check_values(entry, f"benchmarks[{entry['name']}].")
-    return {"name": entry["name"], "source": entry.get("source"), "split": entry.get("split"),
-            "limit": entry.get("limit", cfg["limit"]), "subjects": entry.get("subjects")}
-
-
 # --------------------------------------------------------------------------- building methods
 
 
@@ -730,191 +394,6 @@ def build_method(entry: dict, cfg: dict, models: _Models) -> Method:
     raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
 
 
-# --------------------------------------------------------------------------- the main table
-
-
-@dataclass
-class EvalReport:
-    """All results of a config: ``results[(method key, benchmark)]``."""
-
-    config: dict
-    out: Path
-    methods: list[dict]  # method entries, with "label" filled in
-    benchmarks: list[str]
-    results: dict[tuple[str, str], BenchmarkResult]
-    command: str = ""
-
-    def average(self, key: str) -> float | None:
-        """Mean of the per-benchmark accuracies (the paper's Average), if every benchmark is done."""
-        values = [self.results[(key, b)].accuracy for b in self.benchmarks if (key, b) in self.results]
-        return sum(values) / len(values) if len(values) == len(self.benchmarks) else None
-
-    def rows(self) -> list[dict]:
-        """One dict per method: accuracy (%), N, parse failures and items/s per benchmark, and the average."""
-        rows = []
-        for m in self.methods:
-            row = {"method": m["key"], "label": m["label"], "scoring": m["scoring"]}
-            for b in self.benchmarks:
-                r = self.results.get((m["key"], b))
-                row[b] = round(100 * r.accuracy, 2) if r else None
-                low, high = wilson_interval(r.correct, r.n) if r else (None, None)
-                row[f"{b}_ci95_low"] = round(100 * low, 2) if r else None
-                row[f"{b}_ci95_high"] = round(100 * high, 2) if r else None
-                row[f"{b}_n"] = r.n if r else None
-                row[f"{b}_parse_failures"] = r.parse_failures if r else None
-                row[f"{b}_errors"] = r.errors if r else None
-                row[f"{b}_items_per_s"] = round(r.items_per_s, 3) if r else None
-            avg = self.average(m["key"])
-            row["average"] = round(100 * avg, 2) if avg is not None else None
-            rows.append(row)
-        return rows
-
-    def _method_of(self, name: str) -> str | None:
-        """The key of the run's (first) method of this name, e.g. "receiver"."""
-        return next((m["key"] for m in self.methods if m["name"] == name), None)
-
-    def add_routing(self) -> None:
-        """The derived routing row (c2c.routing) from the receiver's and sharer's results, where both ran."""
-        weak, strong = self._method_of("receiver"), self._method_of("sharer")
-        if weak is None or strong is None:
-            return
-        for b in self.benchmarks:
-            receiver, sharer = self.results.get((weak, b)), self.results.get((strong, b))
-            if receiver and sharer:
-                self.results[(ROUTING_KEY, b)] = BenchmarkResult(ROUTING_KEY, ROUTING_LABEL, b,
-                                                                 route(receiver.records, sharer.records),
-                                                                 receiver.dropped)
-        self.methods.append({"key": ROUTING_KEY, "name": ROUTING_KEY, "label": ROUTING_LABEL, "scoring": "logits"})
-
-    def comparisons(self) -> list[dict]:
-        """One row per configured pair (a, b) and benchmark: the paired comparison on the items both answered."""
-        rows = []
-        for a, b in self.config["comparisons"]:
-            for bench in self.benchmarks:
-                ra, rb = self.results.get((a, bench)), self.results.get((b, bench))
-                c = paired_by_id(ra.records, rb.records) if ra and rb else None
-                if c is None:
-                    continue
-                rows.append({"a": a, "b": b, "benchmark": bench, "n": c.n,
-                             "accuracy_a": round(100 * c.accuracy_a, 2), "accuracy_b": round(100 * c.accuracy_b, 2),
-                             "difference": round(100 * c.difference, 2),
-                             "ci95_low": round(100 * c.interval[0], 2), "ci95_high": round(100 * c.interval[1], 2),
-                             "a_only": c.a_only, "b_only": c.b_only, "mcnemar_p": c.p_value})
-        return rows
-
-    def gap_recovered(self) -> list[dict]:
-        """PGR of every other method per benchmark: (method - receiver) / (sharer - receiver), where both ran."""
-        weak, strong = self._method_of("receiver"), self._method_of("sharer")
-        rows = []
-        if weak is None or strong is None:
-            return rows
-        for m in self.methods:
-            if m["key"] in (weak, strong):
-                continue
-            row = {"method": m["key"]}
-            for b in self.benchmarks:
-                r, w, s = (self.results.get((k, b)) for k in (m["key"], weak, strong))
-                value = pgr(r.accuracy, w.accuracy, s.accuracy) if r and w and s else None
-                row[b] = None if value is None else round(100 * value, 1)
-            rows.append(row)
-        return rows
-
-    def markdown(self) -> str:
-        titles = [BENCHMARK_TITLES.get(b, b) for b in self.benchmarks]
-        cfg = self.config
-        lines = [f"# Main table: {cfg['name']}", "",
-                 f"Receiver: `{cfg['receiver']}`; sharer: `{cfg['sharer']}`"
-                 + "".join(f"; {m['key']}: sharer `{m['sharer']}`, fuser `{m['fuser']}`"
-                           for m in self.methods if m["name"] == "c2c")
-                 + f". Zero-shot, one user turn, thinking disabled; dtype {cfg['dtype']}.", "",
-                 "Accuracy (%) [95% Wilson interval]; parse failures and items that raised count as wrong. "
-                 "Average = mean over the benchmarks."
-                 + (" Routing: each query answered by the receiver or the sharer alone, half each, by the receiver's "
-                    "confidence in its own answer (c2c.routing: an offline stand-in for the paper's RouteLLM router; "
-                    "its time is the receiver's plus the sharer's on the routed half)."
-                    if any(m["key"] == ROUTING_KEY for m in self.methods) else ""), "",
-                 "| Method | Scoring | " + " | ".join(titles) + " | Average |",
-                 "|---|---|" + "---:|" * (len(titles) + 1)]
-
-        def fmt(x):
-            return "-" if x is None else f"{x:.2f}"
-
-        def cell(row, b):
-            return fmt(row[b]) + ("" if row[b] is None else f" [{row[f'{b}_ci95_low']:.1f}, {row[f'{b}_ci95_high']:.1f}]")
-
-        rows = self.rows()
-        for m, row in zip(self.methods, rows):
-            scoring = m["scoring"] + (f", {m['max_new_tokens']} tokens" if m["scoring"] == "generate" else "")
-            if m["name"] == "t2t":
-                scoring += f"; sharer text ({m['t2t_protocol']}) <= {m['sharer_max_new_tokens']} tokens"
-            lines.append(f"| {m['label']} | {scoring} | " + " | ".join(cell(row, b) for b in self.benchmarks)
-                         + f" | {fmt(row['average'])} |")
-        labels = {m["key"]: m["label"] for m in self.methods}
-        gaps = self.gap_recovered()
-        if gaps:
-            lines += ["", "Performance gap recovered, PGR = (method - receiver) / (sharer - receiver), %:", "",
-                      "| Method | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(titles)]
-            lines += [f"| {labels[g['method']]} | " + " | ".join("-" if g[b] is None else f"{g[b]:.1f}"
-                                                                  for b in self.benchmarks) + " |" for g in gaps]
-        paired = self.comparisons()
-        if paired:
-            lines += ["", "Comparisons on the same items (paired): difference of accuracies (points) with its 95% "
-                      "interval, the items only one of the two answers correctly, and the exact McNemar p-value:", "",
-                      "| A vs B | Benchmark | N | A | B | A - B [95% CI] | only A | only B | p |",
-                      "|---|---|---:|---:|---:|---|---:|---:|---:|"]
-            lines += [f"| {labels[c['a']]} vs {labels[c['b']]} | {BENCHMARK_TITLES.get(c['benchmark'], c['benchmark'])} "
-                      f"| {c['n']} | {c['accuracy_a']:.2f} | {c['accuracy_b']:.2f} | {c['difference']:+.2f} "
-                      f"[{c['ci95_low']:+.1f}, {c['ci95_high']:+.1f}] | {c['a_only']} | {c['b_only']} "
-                      f"| {c['mcnemar_p']:.2g} |" for c in paired]
-        lines += ["", "Items evaluated (N), parse failures, items that raised (errors), and throughput (items/s, "
-                  "batched, this machine):", "",
-                  "| Method | " + " | ".join(titles) + " |", "|---|" + "---|" * len(titles)]
-        for m in self.methods:
-            cells = []
-            for b in self.benchmarks:
-                r = self.results.get((m["key"], b))
-                cells.append("-" if r is None else
-                             f"N={r.n}, parse failures {r.parse_failures}, errors {r.errors}, "
-                             f"{r.items_per_s:.2f} items/s")
-            lines.append(f"| {m['label']} | " + " | ".join(cells) + " |")
-        examples = [(m, b, self.results[(m["key"], b)]) for m in self.methods for b in self.benchmarks
-                    if (m["key"], b) in self.results and self.results[(m["key"], b)].parse_failures]
-        if examples:
-            lines += ["", "Parse failure examples (first few per benchmark):", ""]
-            for m, b, r in examples:
-                shown = "; ".join(f"`{e['id']}`: {json.dumps(e['text'][:120], ensure_ascii=False)}"
-                                  for e in r.parse_failure_examples)
-                lines.append(f"- {m['label']} / {b}: {r.parse_failures} of {r.n} — {shown}")
-        raised = [(m, b, self.results[(m["key"], b)]) for m in self.methods for b in self.benchmarks
-                  if (m["key"], b) in self.results and self.results[(m["key"], b)].errors]
-        if raised:
-            lines += ["", "Items that raised (counted wrong; a rerun retries them), first few per benchmark:", ""]
-            for m, b, r in raised:
-                shown = "; ".join(f"`{e['id']}`: {json.dumps(e['error'][:200], ensure_ascii=False)}"
-                                  for e in r.error_examples)
-                lines.append(f"- {m['label']} / {b}: {r.errors} of {r.n} — {shown}")
-        dropped = {b: r.dropped for (k, b), r in self.results.items() if r.dropped}
-        if dropped:
-            lines += ["", "Items removed by the benchmarks' rules (before evaluation): "
-                      + "; ".join(f"{b}: " + ", ".join(f"{k} {v}" for k, v in d.items()) for b, d in dropped.items())]
-        sources = "; ".join(f"{b['name']}: {b['source'] or 'hub'}" + (f" (split {b['split']})" if b["split"] else "")
-                            + (f", limit {b['limit']}" if b["limit"] else "") for b in cfg["benchmarks"])
-        lines += ["", f"Benchmarks: {sources}.", "", f"Produced by: `{self.command}`; exact config: `{EVAL_CONFIG}`.", ""]
-        return "\n".join(lines)
-
-    def write(self) -> None:
-        rows = self.rows()
-        with (self.out / "main_table.csv").open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        (self.out / "main_table.md").write_text(self.markdown(), encoding="utf-8")
-        summary = {"name": self.config["name"], "command": self.command,
-                   "results": [r.summary() for r in self.results.values()], "table": rows,
-                   "gap_recovered": self.gap_recovered(), "comparisons": self.comparisons()}
-        (self.out / "main_table.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-
-
 def _provenance() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "machine": platform.machine(),
@@ -962,7 +441,7 @@ def _selected(config, out, overrides: dict, methods: Sequence[str] | None,
               benchmarks: Sequence[str] | None) -> tuple[dict, Path]:
     """The checked config with the overrides applied, only the methods / benchmarks asked for, and its run folder
     (made)."""
-    raw = _read_raw(config)
+    raw = read_raw_config(config)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     cfg = load_eval_config(raw)
     if methods:

@@ -16,11 +16,12 @@ from pathlib import Path
 from collections.abc import Sequence
 
 from c2c.benchmarks import BenchmarkItems, MCItem, load_benchmark, resolve_source
-from c2c.evaluate import _Models, build_method, load_eval_config
+from c2c.eval_config import load_eval_config
+from c2c.evaluate import _Models, build_method
 from c2c.fused import FusedInputs
 from c2c.jsonl import read_jsonl
-from c2c.paths import repo_relative
 from c2c.methods import C2C, Method, chat_messages, letter_scoring
+from c2c.paths import repo_relative
 
 
 def records_path(out: str | os.PathLike, key: str, benchmark: str) -> Path:

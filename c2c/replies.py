@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from c2c.align import DEFAULT_ALIGNMENT
 from c2c.checkpoint import load_fuser
-from c2c.evaluate import STATIC_CACHE, _Models, load_eval_config
+from c2c.eval_config import STATIC_CACHE, load_eval_config
+from c2c.evaluate import _Models
 from c2c.fused import C2CModel, check_context, generate_from_prefix, left_pad, pad_token_id
 from c2c.fuser import CONFIG_NAME, FuserConfig
 from c2c.jsonl import append_jsonl, read_jsonl

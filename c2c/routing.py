@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+ROUTING_KEY = "routing"  # the derived routing baseline's method key in a main table and in comparisons
 ROUTING_LABEL = "Routing (stand-in: receiver confidence, 50/50)"
 
 

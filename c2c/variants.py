@@ -14,8 +14,9 @@ import os
 from pathlib import Path
 
 from c2c.diagnostics import open_all_gates
-from c2c.evaluate import EvalReport, run_eval
+from c2c.evaluate import run_eval
 from c2c.fuser import CONFIG_NAME, FuserConfig
+from c2c.main_table import EvalReport
 from c2c.pairs import Pair, eval_config_for_pair, parse_pairs
 from c2c.paths import repo_relative
 

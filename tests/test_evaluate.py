@@ -9,18 +9,9 @@ import pytest
 import yaml
 
 from c2c.benchmarks import extract_answer, load_benchmark, mc_prompt, write_tiny_fixtures
-from c2c.evaluate import (
-    EvalReport,
-    EvaluationError,
-    _Models,
-    build_method,
-    evaluate,
-    load_eval_config,
-    main,
-    read_records,
-    run_eval,
-    table_from_records,
-)
+from c2c.eval_config import load_eval_config
+from c2c.evaluate import EvaluationError, _Models, build_method, evaluate, main, read_records, run_eval, table_from_records
+from c2c.main_table import BenchmarkResult, EvalReport
 from c2c.methods import Answer, Method, ReceiverAlone
 from c2c.paths import REPO_ROOT, repo_path, repo_relative
 from c2c.routing import ROUTING_LABEL, route
@@ -211,6 +202,18 @@ def test_an_item_that_raises_is_counted_wrong_recorded_and_reported(tmp_path, ar
     result = evaluate(again, arc, tmp_path, batch_size=4, progress=False)
     assert again.seen == [bad] and result.errors == 0 and result.correct == len(arc)
     assert sorted(r["id"] for r in read_records(tmp_path / "arc-challenge.jsonl")) == sorted(i.id for i in arc)
+
+
+def test_the_table_shows_the_first_parse_failures_of_each_method(tmp_path):
+    cfg = load_eval_config({"receiver": "tiny-receiver", "methods": ["receiver"], "benchmarks": ["arc-challenge"]})
+    records = [{"id": f"q{i}", "correct": False, "parse_failure": i < 5, "text": f"no letter {i}", "seconds": 1.0}
+               for i in range(6)]
+    entry = {**cfg["methods"][0], "label": "R"}
+    result = BenchmarkResult(entry["key"], "R", "arc-challenge", records)
+    table = EvalReport(cfg, tmp_path, [entry], ["arc-challenge"], {(entry["key"], "arc-challenge"): result}).markdown()
+    assert "\nParse failure examples (first few per benchmark):\n" in table
+    assert '\n- R / arc-challenge: 5 of 6 — `q0`: "no letter 0"; `q1`: "no letter 1"; `q2`: "no letter 2"\n' in table
+    assert "Items that raised" not in table  # none raised
 
 
 def many(arc, n):

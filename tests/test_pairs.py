@@ -8,7 +8,7 @@ import shutil
 import pytest
 import yaml
 
-from c2c.evaluate import load_eval_config
+from c2c.eval_config import load_eval_config
 from c2c.models import load_model
 from c2c.pairs import (Pair, combination_rows, complex_partners, eval_config_for_pair, eval_config_with_fuser,
                        evaluate_combination, non_embedding_parameters, pair_row, parse_pairs)

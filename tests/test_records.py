@@ -66,7 +66,7 @@ def test_each_profiles_analyses_name_methods_and_benchmarks_of_its_eval_config(p
     """Notebooks 10-15 read the evaluation of `analysis_eval_config`: its method keys and benchmarks must exist."""
     import yaml
 
-    from c2c.evaluate import load_eval_config
+    from c2c.eval_config import load_eval_config
     from c2c.paths import REPO_ROOT
 
     params = yaml.safe_load((REPO_ROOT / "params" / f"{profile}.yaml").read_text())

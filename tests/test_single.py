@@ -92,7 +92,8 @@ def test_single_sits_beside_the_fuser_run():
 
 
 def test_an_evaluation_method_reads_the_single_model(tmp_path, tiny_receiver):
-    from c2c.evaluate import load_eval_config, run_eval
+    from c2c.eval_config import load_eval_config
+    from c2c.evaluate import run_eval
 
     folder = train_single("configs/train_tiny.yaml", overrides={**TINY, "max_steps": 2},
                           output_dir=tmp_path / "single", progress=False)

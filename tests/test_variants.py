@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from c2c.diagnostics import gate_summary
-from c2c.evaluate import load_eval_config
+from c2c.eval_config import load_eval_config
 from c2c.records import method_records
 from c2c.variants import evaluate_variants, parse_variants, variant_eval_config
 from conftest import make_fuser
