@@ -1,4 +1,5 @@
-"""Evaluate methods on benchmarks: per-item results on disk, resumable, fail-loud; the main table.
+"""Evaluate methods on benchmarks: per-item results on disk, resumable, fail-loud; the main table written from
+them (``c2c.main_table``).
 
 Run folder layout (``out``)::
 
