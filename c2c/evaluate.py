@@ -395,6 +395,9 @@ def build_method(entry: dict, cfg: dict, models: _Models) -> Method:
     raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
 
 
+# --------------------------------------------------------------------------- running a config
+
+
 def _provenance() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "machine": platform.machine(),
