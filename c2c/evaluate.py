@@ -63,6 +63,7 @@ from c2c.fuser import CONFIG_NAME, FuserConfig, random_fuser
 from c2c.jsonl import append_jsonl, read_jsonl
 from c2c.locks import FolderInUseError, folder_lock
 from c2c.main_table import EXAMPLES_SHOWN, BenchmarkResult, EvalReport
+from c2c.mcmix import HELD_OUT_BENCHMARK, load_mc_mix_held_out, trained_items_among
 from c2c.methods import C2C, METHODS, SCORING_MODES, Method, ReceiverAlone, SharerAlone, TextToText
 from c2c.models import load_model
 from c2c.paths import repo_path, repo_relative
@@ -501,11 +502,36 @@ def _load_benchmarks(cfg: dict, out: Path) -> dict:
     """benchmark name -> its items (``BenchmarkItems``), every benchmark of the config loaded and checked."""
     loaded = {}
     for b in cfg["benchmarks"]:
-        source = resolve_source(b["source"], b["name"], out)
-        loaded[b["name"]] = load_benchmark(b["name"], source, split=b["split"], limit=b["limit"],
-                                           subjects=b["subjects"])
-        print(f"{b['name']}: {len(loaded[b['name']])} items from {source or 'the hub'}", flush=True)
+        if b["name"] == HELD_OUT_BENCHMARK:
+            items = load_mc_mix_held_out(b["limit"], b["source"])
+            _check_never_trained_on(cfg, items, b["source"])
+        else:
+            items = load_benchmark(b["name"], resolve_source(b["source"], b["name"], out), split=b["split"],
+                                   limit=b["limit"], subjects=b["subjects"])
+        loaded[b["name"]] = items
+        print(f"{b['name']}: {len(items)} items from {items.source or 'the hub'}", flush=True)
     return loaded
+
+
+def _check_never_trained_on(cfg: dict, items, mix_root) -> None:
+    """Refuse held-out MC-mix items that a C2C method's fuser was trained on: its run's ``config.yaml`` (beside the
+    checkpoint, as ``c2c.train`` writes it) names ``offline:mc-mix`` with a ``max_examples`` reaching into them.
+    A fuser without a run config beside it (a published one) was not trained here and is not checked."""
+    for entry in cfg["methods"]:
+        specs = [entry["fuser"]] + [more["fuser"] for more in entry["more_sharers"]] if entry["name"] == "c2c" else []
+        for spec in specs:
+            run_config = repo_path(spec["checkpoint"]).parent / "config.yaml" if "checkpoint" in spec else None
+            if run_config is None or not run_config.is_file():
+                continue
+            trained = yaml.safe_load(run_config.read_text())
+            if trained.get("dataset") != "offline:mc-mix":
+                continue
+            seen = trained_items_among(items, trained.get("max_examples"), mix_root)
+            if seen:
+                raise ValueError(f"method {entry['key']}: its fuser ({spec['checkpoint']}) was trained on "
+                                 f"{len(seen)} of the {len(items)} held-out MC-mix items (max_examples "
+                                 f"{trained.get('max_examples')} in {repo_relative(run_config)}), e.g. {seen[0]}: "
+                                 f"lower {HELD_OUT_BENCHMARK}'s limit, or evaluate a fuser trained on fewer examples")
 
 
 def _benchmark_info(entry: dict) -> dict:

@@ -15,7 +15,7 @@ from c2c.routing import ROUTING_KEY, ROUTING_LABEL, route
 from c2c.stats import paired_by_id, pgr, wilson_interval
 
 BENCHMARK_TITLES = {"mmlu-redux": "MMLU-Redux", "arc-challenge": "ARC-C", "openbookqa": "OpenBookQA",
-                    "ceval": "C-Eval", "mmlu": "MMLU"}
+                    "ceval": "C-Eval", "mmlu": "MMLU", "mc-mix-held-out": "MC mix, held out"}
 EXAMPLES_SHOWN = 3  # parse-failure and error examples per benchmark in the table
 
 

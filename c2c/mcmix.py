@@ -33,10 +33,14 @@ Also here: ``mc_conversations`` (training chats whose user turn is the evaluatio
 ``c2c.benchmarks.mc_prompt`` and whose answer is "The correct answer is X.") and
 ``load_mmlu_auxiliary_train`` (the hub's ``cais/mmlu`` auxiliary_train, or a local copy in its schema).
 ``c2c.data.load_conversations`` reaches both as "offline:mc-mix" and "cais/mmlu:auxiliary_train".
+``load_mc_mix_held_out`` is the mix's tail, never trained on by a run on its first items: the evaluation's
+benchmark ``mc-mix-held-out`` (``HELD_OUT_BENCHMARK``), for choosing a training budget on held-out data.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import random
@@ -67,6 +71,7 @@ EVALUATION_BENCHMARKS = ("arc-challenge", "openbookqa", "mmlu")  # their test sp
 RULES = ("fewer than 2 or more than 10 options", "gold outside the options",
          "in an evaluation split", "duplicate within the mix")
 DEFAULT_ANSWER_PREFIX = "The correct answer is"
+HELD_OUT_BENCHMARK = "mc-mix-held-out"  # the evaluation's name for load_mc_mix_held_out
 
 # A normaliser: (record, where) -> (subject, question, option texts, gold index or None if unknown).
 Normalised = tuple[str, str, tuple[str, ...], int | None]
@@ -318,6 +323,36 @@ def mix_summary(mix: MCMix) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the held-out tail
+
+
+def load_mc_mix_held_out(limit: int, root: str | os.PathLike | None = None) -> BenchmarkItems:
+    """The last ``limit`` items of the mix (in its order): the data on which to choose a training budget or a
+    checkpoint without looking at an evaluation benchmark. A fuser trained on the mix's first ``max_examples``
+    items never saw them while ``max_examples + limit <= len(mix)`` (``trained_items_among``); the order
+    interleaves the parts, so the tail holds each part in proportion, as the training prefix does.
+
+    ``fingerprint``: SHA-256 of the items (id, subject, question, options, answer), as ``load_benchmark``'s.
+    """
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"the held-out tail of the MC mix needs a positive int limit, got {limit!r}")
+    mix = load_mc_mix(root)
+    if limit >= len(mix):
+        raise ValueError(f"limit {limit} would hold out the whole MC mix ({len(mix)} items): leave room for training")
+    items = mix[len(mix) - limit:]
+    fingerprint = hashlib.sha256(json.dumps([[i.id, i.subject, i.question, list(i.options), i.answer]
+                                             for i in items]).encode()).hexdigest()
+    return BenchmarkItems(items, {}, f"the last {limit} items of the MC mix from {mix.source}", fingerprint)
+
+
+def trained_items_among(items: Iterable[MCItem], max_examples: int | None,
+                        root: str | os.PathLike | None = None) -> list[str]:
+    """The ids among ``items`` that a run on ``offline:mc-mix`` with this ``max_examples`` (None: all) trained
+    or held out its loss on (the mix's first ``max_examples`` items)."""
+    trained = {item.id for item in load_mc_mix(root, max_items=max_examples)}
+    return [item.id for item in items if item.id in trained]
 
 
 # --------------------------------------------------------------------------- chats

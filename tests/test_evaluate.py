@@ -12,6 +12,7 @@ from c2c.benchmarks import extract_answer, load_benchmark, mc_prompt, write_tiny
 from c2c.eval_config import load_eval_config
 from c2c.evaluate import EvaluationError, _Models, build_method, evaluate, main, read_records, run_eval, table_from_records
 from c2c.main_table import BenchmarkResult, EvalReport
+from c2c.mcmix import HELD_OUT_BENCHMARK, load_mc_mix_held_out
 from c2c.methods import Answer, Method, ReceiverAlone
 from c2c.paths import REPO_ROOT, repo_path, repo_relative
 from c2c.routing import ROUTING_LABEL, route
@@ -499,3 +500,24 @@ def test_more_sharers_fuse_separately_trained_fusers_at_inference(tmp_path, tiny
         load_eval_config({**config, "methods": [{**two("x", "open"), "multi_sharer": "mean"}]})
     with pytest.raises(ValueError, match="per method for c2c only"):
         load_eval_config({**config, "methods": [{"name": "sharer", "multi_sharer": "parallel"}]})
+
+
+def test_held_out_mix_items_are_evaluated_and_a_fuser_trained_on_them_is_refused(tmp_path, tiny_receiver, tiny_sharer):
+    run = tmp_path / "run"
+    make_fuser(tiny_receiver[0], tiny_sharer[0], seed=1, gate_logit=1.0).save_pretrained(run / "final")
+    (run / "config.yaml").write_text(yaml.safe_dump({"dataset": "offline:mc-mix", "max_examples": 2000}))
+    config = {"receiver": "tiny-receiver", "sharer": "tiny-sharer", "scoring": "logits",
+              "methods": [{"name": "receiver"}, {"name": "c2c", "fuser": {"checkpoint": str(run / "final")}}],
+              "benchmarks": [{"name": HELD_OUT_BENCHMARK, "limit": 6}]}
+    report = run_eval(config, tmp_path / "out", progress=False)
+    result = report.results[("c2c_logits", HELD_OUT_BENCHMARK)]
+    assert [r["id"] for r in result.records] == [i.id for i in load_mc_mix_held_out(6)]
+    assert result.n == 6 and "MC mix, held out" in (tmp_path / "out" / "main_table.md").read_text()
+
+    (run / "config.yaml").write_text(yaml.safe_dump({"dataset": "offline:mc-mix", "max_examples": None}))
+    with pytest.raises(ValueError, match=r"trained on 6 of the 6 held-out MC-mix items .*lower mc-mix-held-out's"):
+        run_eval(config, tmp_path / "out", progress=False)
+    with pytest.raises(ValueError, match="needs a limit"):
+        load_eval_config({**config, "benchmarks": [HELD_OUT_BENCHMARK]})
+    with pytest.raises(ValueError, match=r"takes no \['split'\]"):
+        load_eval_config({**config, "benchmarks": [{"name": HELD_OUT_BENCHMARK, "limit": 6, "split": "test"}]})

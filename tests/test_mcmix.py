@@ -203,3 +203,21 @@ def test_mmlu_auxiliary_train_from_the_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(RuntimeError, match="offline:mc-mix"):
         M.load_mmlu_auxiliary_train()
+
+
+# --------------------------------------------------------------------------- the held-out tail
+
+
+def test_the_held_out_tail_is_never_in_a_training_prefix_that_leaves_it_out(olmo_root, mix):
+    held_out = M.load_mc_mix_held_out(50, olmo_root)
+    assert [i.id for i in held_out] == [i.id for i in mix[-50:]]
+    assert M.trained_items_among(held_out, len(mix) - 50, olmo_root) == []
+    assert M.trained_items_among(held_out, len(mix) - 49, olmo_root) == [held_out[0].id]  # one item too many
+    assert M.trained_items_among(held_out, None, olmo_root) == [i.id for i in held_out]  # the whole mix
+    assert M.trained_items_among(held_out, 2000, olmo_root) == []  # the small profile's runs
+    assert len({i.benchmark for i in M.load_mc_mix_held_out(1000, olmo_root)}) == len({p.benchmark for p in M.MIX_PARTS})
+    assert held_out.fingerprint == M.load_mc_mix_held_out(50, olmo_root).fingerprint
+    assert held_out.fingerprint != M.load_mc_mix_held_out(49, olmo_root).fingerprint
+    for bad in (0, True, 2.5, len(mix)):
+        with pytest.raises(ValueError, match="limit"):
+            M.load_mc_mix_held_out(bad, olmo_root)
