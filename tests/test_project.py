@@ -172,3 +172,24 @@ def test_every_small_profile_file_the_readme_links_is_written_by_a_stage():
         assert path in products or path in README_CLI_RESULTS, (
             f"the README links {path}, which no stage writes: declare it in notebooks/stages.yaml or make it a stage")
     assert set(README_CLI_RESULTS) <= named, "a listed CLI result is no longer linked: drop it from the list"
+
+
+def test_readme_tables_are_whole():
+    """Every row of a README table sits in its table: a row after a line of prose renders as prose (a paragraph
+    once landed inside the main table, leaving its last row below it). A table starts after a blank line with a
+    header row and a delimiter row, and every column count within it agrees."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    fenced = [line.startswith("```") for line in lines]
+    inside = [sum(fenced[:i]) % 2 == 1 for i in range(len(lines))]  # within a code block (or its closing fence)
+    is_row = [line.startswith("|") and not inside[i] for i, line in enumerate(lines)]
+    delimiter = re.compile(r"^\|(\s*:?-+:?\s*\|)+$")
+    for i, line in enumerate(lines):
+        if not is_row[i] or (i > 0 and is_row[i - 1]):
+            continue
+        assert i == 0 or not lines[i - 1].strip() or fenced[i - 1], (
+            f"README line {i + 1} starts a table right after prose: {line[:80]}")
+        assert i + 1 < len(lines) and delimiter.match(lines[i + 1].replace(" ", "")), (
+            f"README line {i + 1} starts a table without a delimiter row below it: {line[:80]}")
+        end = next((j for j in range(i, len(lines)) if not is_row[j]), len(lines))
+        columns = {len(re.split(r"(?<!\\)\|", row.strip().strip("|"))) for row in lines[i:end]}
+        assert len(columns) == 1, f"README table at line {i + 1} has rows of {sorted(columns)} columns"
