@@ -121,6 +121,8 @@ def gain_sources(out: str | os.PathLike, benchmark: str, c2c: str = "c2c", recei
     """Where C2C's gain over the receiver comes from, on the items all three methods answered.
 
     gained: C2C right, receiver wrong; of those, sharer_right_on_gained. lost: C2C wrong, receiver right.
+    receiver_wrong, sharer_right_on_receiver_wrong: the base rate to hold sharer_right_on_gained against (a fuser
+    that gains items at random among the receiver's misses finds the sharer right on this share of them).
     agrees_with_sharer / agrees_with_receiver: fraction of items whose predicted letter equals that method's.
     """
     records = {key: {r["id"]: r for r in method_records(out, key, benchmark)} for key in (c2c, receiver, sharer)}
@@ -130,13 +132,15 @@ def gain_sources(out: str | os.PathLike, benchmark: str, c2c: str = "c2c", recei
     right = {key: correct_by_id([records[key][i] for i in ids]) for key in records}
     gained = [i for i in ids if right[c2c][i] and not right[receiver][i]]
     lost = [i for i in ids if not right[c2c][i] and right[receiver][i]]
+    receiver_wrong = [i for i in ids if not right[receiver][i]]
 
     def agreement(other: str) -> float:
         return sum(records[c2c][i].get("pred") == records[other][i].get("pred") for i in ids) / len(ids)
 
     return {"benchmark": benchmark, "items": len(ids), "gained": len(gained), "lost": len(lost),
             "sharer_right_on_gained": sum(right[sharer][i] for i in gained),
-            "sharer_right_on_lost": sum(right[sharer][i] for i in lost),
+            "sharer_right_on_lost": sum(right[sharer][i] for i in lost), "receiver_wrong": len(receiver_wrong),
+            "sharer_right_on_receiver_wrong": sum(right[sharer][i] for i in receiver_wrong),
             "agrees_with_sharer": agreement(sharer), "agrees_with_receiver": agreement(receiver)}
 
 

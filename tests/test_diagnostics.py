@@ -56,7 +56,8 @@ def test_gain_sources_counts_by_hand(tmp_path):
     _write_records(tmp_path, "sharer", [("1", "A"), ("2", "B"), ("3", "B"), ("5", "D"), ("6", "A")])
     got = gain_sources(tmp_path, "arc-challenge")
     assert got == {"benchmark": "arc-challenge", "items": 5, "gained": 2, "lost": 1, "sharer_right_on_gained": 1,
-                   "sharer_right_on_lost": 0, "agrees_with_sharer": 0.6, "agrees_with_receiver": 0.4}
+                   "sharer_right_on_lost": 0, "receiver_wrong": 3, "sharer_right_on_receiver_wrong": 1,
+                   "agrees_with_sharer": 0.6, "agrees_with_receiver": 0.4}
 
 
 def test_training_curve(tmp_path):
