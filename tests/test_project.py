@@ -146,10 +146,6 @@ def test_notebooks_are_valid_nbformat_with_cell_ids(path):
 # files the README links that are CLI analyses of a stage's records, not a stage's products (yet): the one allowed
 # exception, so that a new result the README quotes cannot come from a command `make reproduce` does not run
 README_CLI_RESULTS = {
-    "results/small/mc/diagnostics.json": "python -m c2c.diagnostics --eval-out results/small/mc (notebook 09 runs it "
-                                         "for its variants)",
-    "results/small/mc/diagnostics_identical.json": "python -m c2c.diagnostics on the Identical control",
-    "results/small/mc/ties.md": "python -m c2c.ties --eval-out results/small/mc (notebook 09 runs it for its variants)",
     "results/small/train_throughput.json": "python benchmarks/train_throughput.py --cases small (a benchmark, not a stage)",
     # notebook 07's "+ fusion" run, scored by c2c.pairs.evaluate_pair as 07 does: 07 writes the ARC folder when it runs
     # (ablation_benchmark); MMLU and OpenBookQA until 07 scores its variants on more than one benchmark
