@@ -13,7 +13,7 @@ LOCK := requirements.lock
 # what `make lock` leaves out: torch itself and the CUDA runtime wheels a CUDA torch build brings
 LOCK_EXCLUDE := ^(torch|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)==
 
-.PHONY: setup lock gpu-check gpu-inputs test reproduce rehearsal announce quickstart models-small data-offline lab clean-results
+.PHONY: setup lock gpu-check gpu-inputs test reproduce rehearsal announce quickstart models-small data-offline data-natural-instructions lab clean-results
 
 setup: $(STAMP)
 
@@ -151,8 +151,13 @@ quickstart: $(STAMP)
 models-small: $(STAMP)
 	$(PY) -m c2c.offline models
 
+# the benchmarks and the MC training mix (every small-profile stage's data); BIG-bench's natural instructions (notebook
+# 20, configs/train_small.yaml) on their own: bigbench 1.0.0 has left PyPI, so a fresh machine needs a copy by hand
 data-offline: $(STAMP)
 	$(PY) -c "from c2c.offline import fetch_offline_benchmarks; print(fetch_offline_benchmarks())"
+	$(PY) -c "from c2c.data import mc_mix_file; print(mc_mix_file())"
+
+data-natural-instructions: $(STAMP)
 	$(PY) -c "from c2c.data import natural_instructions_file; print(natural_instructions_file())"
 
 # One command for a machine lent a GPU (benchmarks/gpu_check.py says how to run it there): the CUDA tests, latency
