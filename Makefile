@@ -151,11 +151,11 @@ quickstart: $(STAMP)
 models-small: $(STAMP)
 	$(PY) -m c2c.offline models
 
-# the benchmarks and the MC training mix (every small-profile stage's data); BIG-bench's natural instructions (notebook
-# 20, configs/train_small.yaml) on their own: bigbench 1.0.0 has left PyPI, so a fresh machine needs a copy by hand
+# the benchmarks, the MC training mix and the QA chats (every small-profile stage's data); BIG-bench's natural
+# instructions (the earlier general-recipe data) on their own: bigbench 1.0.0 has left PyPI, a copy goes in by hand
 data-offline: $(STAMP)
 	$(PY) -c "from c2c.offline import fetch_offline_benchmarks; print(fetch_offline_benchmarks())"
-	$(PY) -c "from c2c.data import mc_mix_file; print(mc_mix_file())"
+	$(PY) -c "from c2c.data import mc_mix_file, qa_chats_file; print(mc_mix_file(), qa_chats_file())"
 
 data-natural-instructions: $(STAMP)
 	$(PY) -c "from c2c.data import natural_instructions_file; print(natural_instructions_file())"

