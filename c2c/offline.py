@@ -361,9 +361,9 @@ def download_archive(name: str, filename: str, sha256: str, pypi_dir: Path | Non
         page = response.read().decode()
     links = re.findall(r'href="([^"#]+)#sha256=([0-9a-f]{64})"[^>]*>\s*' + re.escape(filename) + r"\s*<", page)
     if not links:
-        listed = re.findall(r">\s*([^<>\s]+)\s*</a>", page)
+        files_on_page = re.findall(r">\s*([^<>\s]+)\s*</a>", page)
         raise FileNotFoundError(
-            f"{filename} is not listed on {index}/{name}/ (it lists {', '.join(listed) or 'no file'}): a release "
+            f"{filename} is not listed on {index}/{name}/ (it lists {', '.join(files_on_page) or 'no file'}): a release "
             f"removed from the index cannot be fetched; put a copy with SHA-256 {sha256} at {target}, or set "
             "PIP_INDEX_URL to an index that lists it")
     url, listed = urllib.parse.urljoin(page_url, links[0][0]), links[0][1]
