@@ -68,6 +68,7 @@ from c2c.methods import C2C, METHODS, SCORING_MODES, Method, ReceiverAlone, Shar
 from c2c.models import load_model
 from c2c.paths import repo_path, repo_relative
 from c2c.prefixes import PrefixStore
+from c2c.train_config import load_train_config
 
 log = logging.getLogger(__name__)
 
@@ -523,14 +524,14 @@ def _check_never_trained_on(cfg: dict, items, mix_root) -> None:
             run_config = repo_path(spec["checkpoint"]).parent / "config.yaml" if "checkpoint" in spec else None
             if run_config is None or not run_config.is_file():
                 continue
-            trained = yaml.safe_load(run_config.read_text())
-            if trained.get("dataset") != "offline:mc-mix":
+            trained = load_train_config(run_config)
+            if trained.dataset != "offline:mc-mix":
                 continue
-            seen = trained_items_among(items, trained.get("max_examples"), mix_root)
+            seen = trained_items_among(items, trained.max_examples, mix_root)
             if seen:
                 raise ValueError(f"method {entry['key']}: its fuser ({spec['checkpoint']}) was trained on "
                                  f"{len(seen)} of the {len(items)} held-out MC-mix items (max_examples "
-                                 f"{trained.get('max_examples')} in {repo_relative(run_config)}), e.g. {seen[0]}: "
+                                 f"{trained.max_examples} in {repo_relative(run_config)}), e.g. {seen[0]}: "
                                  f"lower {HELD_OUT_BENCHMARK}'s limit, or evaluate a fuser trained on fewer examples")
 
 
