@@ -74,6 +74,36 @@ def parse_pairs(pair_runs: dict) -> list[Pair]:
     return pairs
 
 
+def scored_pairs(pairs: list[Pair], benchmarks: dict) -> list[tuple[str, Pair]]:
+    """The evaluations a profile asks for, as (benchmark, pair) in its order: ``benchmarks`` maps each benchmark to
+    "all" (every pair) or a list of pair labels (e.g. Table 8's variants all on ARC, one of them also on MMLU)."""
+    if not isinstance(benchmarks, dict) or not benchmarks:
+        raise ValueError(f"give a mapping of benchmarks to \"all\" or a list of pair labels, got {benchmarks!r}")
+    by_label = {pair.label: pair for pair in pairs}
+    plan = []
+    for benchmark, labels in benchmarks.items():
+        if labels == "all":
+            labels = list(by_label)
+        if not isinstance(labels, list) or not labels:
+            raise ValueError(f"benchmark {benchmark!r}: give \"all\" or a list of pair labels, got {labels!r}")
+        unknown = [label for label in labels if label not in by_label]
+        if unknown:
+            raise ValueError(f"benchmark {benchmark!r}: no pair is labelled {unknown}; the pairs are {list(by_label)}")
+        plan += [(benchmark, by_label[label]) for label in labels]
+    return plan
+
+
+def c2c_versus(out: str | os.PathLike, other_out: str | os.PathLike, benchmark: str, column: str) -> dict:
+    """C2C of one pair's evaluation minus C2C of another's on the items both scored (paired by item id), as columns
+    ``column`` (points), ``column``_low/_high (its 95% interval) and ``column``_p (exact McNemar): e.g. a fuser
+    against its Identical control (the receiver as its own sharer), which separates what the sharer adds from what
+    training alone adds."""
+    comparison = paired_by_id(method_records(out, "c2c", benchmark), method_records(other_out, "c2c", benchmark))
+    if comparison is None:
+        raise ValueError(f"{out} and {other_out} share no {benchmark} item: score both on the same items")
+    return _difference(column, comparison)
+
+
 def train_pair(pair: Pair) -> Path:
     """Train the pair's fuser (resuming, or finding the finished run); its final folder."""
     return train(repo_path(pair.config), overrides={**pair.overrides, "output_dir": str(pair.run)})
@@ -201,9 +231,14 @@ def _accuracy(column: str, records: list[dict]) -> dict:
 
 def _gain(method: str, comparison) -> dict:
     """A paired comparison with the receiver as table columns (percentage points)."""
+    return _difference(f"{method}_gain", comparison)
+
+
+def _difference(column: str, comparison) -> dict:
+    """A paired difference (percentage points) as columns ``column``, ``column``_low/_high and ``column``_p."""
     low, high = comparison.interval
-    return {f"{method}_gain": round(100 * comparison.difference, 2), f"{method}_gain_low": round(100 * low, 2),
-            f"{method}_gain_high": round(100 * high, 2), f"{method}_gain_p": comparison.p_value}
+    return {column: round(100 * comparison.difference, 2), f"{column}_low": round(100 * low, 2),
+            f"{column}_high": round(100 * high, 2), f"{column}_p": comparison.p_value}
 
 
 def evaluate_combination(pairs: list[Pair], finals: list[Path], base: str | os.PathLike, out: str | os.PathLike, *,

@@ -10,8 +10,9 @@ import yaml
 
 from c2c.eval_config import load_eval_config
 from c2c.models import load_model
-from c2c.pairs import (Pair, combination_rows, complex_partners, eval_config_for_pair, eval_config_with_fuser,
-                       evaluate_combination, non_embedding_parameters, pair_row, parse_pairs)
+from c2c.pairs import (Pair, c2c_versus, combination_rows, complex_partners, eval_config_for_pair,
+                       eval_config_with_fuser, evaluate_combination, non_embedding_parameters, pair_row, parse_pairs,
+                       scored_pairs)
 from conftest import make_fuser
 
 TINY_TRAIN = "configs/train_tiny.yaml"
@@ -34,6 +35,37 @@ def test_pairs_are_parsed_and_checked(tmp_path):
                      "b": {"config": TINY_TRAIN, "output_dir": str(tmp_path / "x")}})
     with pytest.raises(ValueError, match="pair_runs"):
         parse_pairs({})
+
+
+def test_each_benchmark_scores_all_pairs_or_the_ones_it_names(tmp_path):
+    pairs = parse_pairs({name: {"config": TINY_TRAIN, "output_dir": str(tmp_path / name)} for name in ("a", "b", "c")})
+    plan = scored_pairs(pairs, {"arc-challenge": "all", "mmlu": ["c", "a"]})
+    assert [(benchmark, pair.label) for benchmark, pair in plan] == [
+        ("arc-challenge", "a"), ("arc-challenge", "b"), ("arc-challenge", "c"), ("mmlu", "c"), ("mmlu", "a")]
+    with pytest.raises(ValueError, match=r"'mmlu': no pair is labelled \['d'\]; the pairs are \['a', 'b', 'c'\]"):
+        scored_pairs(pairs, {"mmlu": ["a", "d"]})
+    for wrong in ("some", []):
+        with pytest.raises(ValueError, match="'mmlu': give \"all\" or a list of pair labels"):
+            scored_pairs(pairs, {"mmlu": wrong})
+    with pytest.raises(ValueError, match="a mapping of benchmarks"):
+        scored_pairs(pairs, ["arc-challenge"])
+
+
+def test_one_fuser_minus_another_is_paired_by_item(tmp_path):
+    """A variant minus its control on the items both scored, against a count by hand: the control's records come in
+    another order and hold one item the variant lacks, which must not count."""
+    variant = [1, 1, 1, 1, 0, 0]
+    _write_records(tmp_path / "variant", "c2c", variant)
+    control = [1, 0, 0, 0, 0, 1, 1]  # items 0-6, written last to first; item 6 is the control's alone
+    _write_records(tmp_path / "control", "c2c", control[::-1], ids=range(6, -1, -1))
+    row = c2c_versus(tmp_path / "variant", tmp_path / "control", "mmlu", "minus_control")
+    # on items 0-5: variant 4/6, control 2/6; variant alone right on 1, 2, 3, control alone on 5: McNemar 3 vs 1
+    assert row["minus_control"] == pytest.approx(100 * 2 / 6, abs=0.01)
+    assert row["minus_control_p"] == pytest.approx(2 * (1 + 4) / 2**4)
+    assert row["minus_control_low"] < row["minus_control"] < row["minus_control_high"]
+    _write_records(tmp_path / "elsewhere", "c2c", [1, 1], ids=[100, 101])
+    with pytest.raises(ValueError, match="share no mmlu item"):
+        c2c_versus(tmp_path / "variant", tmp_path / "elsewhere", "mmlu", "minus_control")
 
 
 def _saved_fuser(tmp_path, tiny_receiver, tiny_sharer, **names):
@@ -79,11 +111,11 @@ def test_sizes_leave_out_the_embeddings(name):
     assert non_embedding_parameters(name) == expected > 0
 
 
-def _write_records(out, key, correct):
+def _write_records(out, key, correct, ids=None):
     folder = out / "eval" / key
     folder.mkdir(parents=True)
     lines = [json.dumps({"id": f"q{i}", "correct": c, "pred": "A", "text": "", "parse_failure": False, "seconds": 0.1})
-             for i, c in enumerate(correct)]
+             for i, c in zip(ids or range(len(correct)), correct)]
     (folder / "mmlu.jsonl").write_text("\n".join(lines) + "\n")
 
 

@@ -68,9 +68,15 @@ def test_the_ablation_row_reads_benchmark_accuracy_facts_or_loss_as_notebook_07_
     assert "held-out facts" in _ours_ablation(facts) and "50" in _ours_ablation(facts)
     general = [{"variant": "projection", "held_out_loss": "11.75"}, {"variant": "full", "held_out_loss": "11.5"}]
     assert _ours_ablation(general) == "projection 11.750, full 11.500 (held-out loss, nats/token)"
-    benchmark = [{"variant": "projection", "n": "1172", "receiver": "27.56", "sharer": "60.58", "c2c": "25.0"},
-                 {"variant": "+ gate", "n": "1172", "receiver": "27.56", "sharer": "60.58", "c2c": "39.85"}]
-    assert _ours_ablation(benchmark) == "projection 25.0, + gate 39.9 (accuracy %, 1172 items; receiver 27.6, sharer 60.6)"
+    arc = {"benchmark": "arc-challenge", "n": "1172", "receiver": "27.56", "sharer": "60.58"}
+    mmlu = {"benchmark": "mmlu", "n": "1140", "receiver": "29.04", "sharer": "51.23"}
+    benchmark = [{**arc, "variant": "projection", "c2c": "25.0"}, {**arc, "variant": "+ gate", "c2c": "39.85"},
+                 {**mmlu, "variant": "+ fusion", "c2c": "45.09"}]
+    assert _ours_ablation(benchmark) == (
+        "arc-challenge: projection 25.0, + gate 39.9 (accuracy %, 1172 items; receiver 27.6, sharer 60.6); "
+        "mmlu: + fusion 45.1 (accuracy %, 1140 items; receiver 29.0, sharer 51.2)")
+    one_benchmark = [{k: v for k, v in row.items() if k != "benchmark"} for row in benchmark[:2]]  # before 2026-12-05
+    assert _ours_ablation(one_benchmark) == "projection 25.0, + gate 39.9 (accuracy %, 1172 items; receiver 27.6, sharer 60.6)"
 
 
 def test_the_table_6_row_names_each_of_single_identical_and_c2c_or_says_not_run():

@@ -147,11 +147,11 @@ def test_notebooks_are_valid_nbformat_with_cell_ids(path):
 # exception, so that a new result the README quotes cannot come from a command `make reproduce` does not run
 README_CLI_RESULTS = {
     "results/small/train_throughput.json": "python benchmarks/train_throughput.py --cases small (a benchmark, not a stage)",
-    # notebook 07's "+ fusion" run, scored by c2c.pairs.evaluate_pair as 07 does: 07 writes the ARC folder when it runs
-    # (ablation_benchmark); MMLU and OpenBookQA until 07 scores its variants on more than one benchmark
-    "results/small/ablations_benchmark/mc_fusion/main_table.md": "c2c.pairs.evaluate_pair(benchmark='arc-challenge')",
-    "results/small/no_gate_mmlu/mc_fusion/main_table.md": "c2c.pairs.evaluate_pair(benchmark='mmlu')",
-    "results/small/no_gate_openbookqa/mc_fusion/main_table.md": "c2c.pairs.evaluate_pair(benchmark='openbookqa')",
+    # notebook 07's "+ fusion" run, scored by c2c.pairs.evaluate_pair into the folders 07 writes (ablation_benchmarks)
+    # before 07 scored more than one benchmark: the README cites 07's ablations_benchmark.md once 07 re-runs (small)
+    "results/small/ablations_benchmark/arc-challenge/mc_fusion/main_table.md": "c2c.pairs.evaluate_pair(benchmark='arc-challenge')",
+    "results/small/ablations_benchmark/mmlu/mc_fusion/main_table.md": "c2c.pairs.evaluate_pair(benchmark='mmlu')",
+    "results/small/ablations_benchmark/openbookqa/mc_fusion/main_table.md": "c2c.pairs.evaluate_pair(benchmark='openbookqa')",
 }
 
 
