@@ -233,12 +233,13 @@ ENTRIES: tuple[Entry, ...] = (
           note="the profile's own pairs (params pair_runs); the paper profile has Table 7's rows, Gemma3-1B's "
                "rehearsed with SmolLM2's tokenizer standing in for Gemma 3's (not among the offline tokenizers)"),
     Entry("Table 8", "Fuser ablation: Project / +Fuse / +Gate", "07_ablations",
-          (*_both("{results}/ablations_benchmark"), *_both("{results}/ablations")),
+          (*_both("{results}/ablations_benchmark"), *_both("{results}/ablations_comparisons"), *_both("{results}/ablations")),
           (*_figure("ablations_benchmark"), *_figure("ablations")),
           paper="mean of 4: Project 20.70, +Fuse 44.88, +Gate 47.95", ours=_ours_ablation,
           note="the variants of params ablation_eval_runs trained and scored on the benchmarks of ablation_benchmarks "
                "(ablations_benchmark: Table 8's measure; the small profile's are in the MC regime, all on ARC, the "
-               "no-gate variant and its Identical control also on MMLU and OpenBookQA); ablations.csv|md: the variants on "
+               "no-gate variant, its Identical control and the gated fuser also on MMLU and OpenBookQA; ablations_comparisons: "
+               "one variant minus another, paired); ablations.csv|md: the variants on "
                "the knowledge-transfer task (held-out facts) or the training task (held-out loss)"),
     Entry("Table 9", "Default C2C vs C2C-C with PGR (Qwen3-4B -> Qwen3-0.6B)", "16_model_pairs",
           _both("{results}/complex_fuser"), _figure("complex_fuser"), paper="MMLU-Redux: T2T 42.95, C2C 45.92, C2C-C 62.78 (PGR 76%)",
