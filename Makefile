@@ -96,6 +96,8 @@ announce:
 # it wrote why this profile does not run it: results/<profile>/not_run/<notebook>.txt, c2c.paths.record_not_run), so
 # an executed notebook in $(EXECUTED) always ran to the end. Progress bars redraw at most every 30 s there
 # (tqdm reads TQDM_MININTERVAL), so the executed copies keep a few lines of progress, not thousands.
+# tqdm's "IProgress not found" warning (text progress bars, not widgets: what the executed copies can keep) is
+# silenced there, so no copy opens on a warning box with this machine's site-packages path.
 $(NOTEBOOKS): %: $(EXECUTED)/%.ipynb
 
 C2C_SOURCES := $(wildcard c2c/*.py)
@@ -103,7 +105,7 @@ STAGE_PARAMS := build/$(PROFILE)/params
 $(EXECUTED)/%.ipynb: notebooks/%.ipynb $(STAGE_PARAMS)/%.yaml $(C2C_SOURCES) | announce $(STAMP) $(PROFILE_INPUTS)
 	@mkdir -p $(EXECUTED)
 	@trap 'rm -f "$(@:.ipynb=.partial.ipynb)"' EXIT INT TERM; set -e; \
-	  TQDM_MININTERVAL=$${TQDM_MININTERVAL:-30} $(PY) -m papermill $< $(@:.ipynb=.partial.ipynb) -f $(STAGE_PARAMS)/$*.yaml --cwd notebooks --log-level ERROR; \
+	  TQDM_MININTERVAL=$${TQDM_MININTERVAL:-30} PYTHONWARNINGS="ignore:IProgress not found:Warning$${PYTHONWARNINGS:+,$$PYTHONWARNINGS}" $(PY) -m papermill $< $(@:.ipynb=.partial.ipynb) -f $(STAGE_PARAMS)/$*.yaml --cwd notebooks --log-level ERROR; \
 	  missing=$$(for f in $(PRODUCTS_$*); do [ -e "$$f" ] || printf ' %s' "$$f"; done); \
 	  if [ -n "$$missing" ] && [ ! -f results/$(PROFILE)/not_run/$*.txt ]; then \
 	    echo "make: $* finished without writing its products:$$missing (notebooks/stages.yaml lists them)"; exit 1; fi; \
