@@ -74,7 +74,10 @@ def test_the_ablation_row_reads_benchmark_accuracy_facts_or_loss_as_notebook_07_
                  {**mmlu, "variant": "+ fusion", "c2c": "45.09"}]
     assert _ours_ablation(benchmark) == (
         "arc-challenge: projection 25.0, + gate 39.9 (accuracy %, 1172 items; receiver 27.6, sharer 60.6); "
-        "mmlu: + fusion 45.1 (accuracy %, 1140 items; receiver 29.0, sharer 51.2)")
+        "mmlu: + fusion 45.1 (accuracy %, 1140 items; receiver 29.0, sharer 51.2)")  # no variant on both: no mean
+    benchmark.append({**mmlu, "variant": "projection", "c2c": "26.0"})
+    assert _ours_ablation(benchmark).endswith("; mmlu: + fusion 45.1, projection 26.0 (accuracy %, 1140 items; "
+                                              "receiver 29.0, sharer 51.2); mean of 2: projection 25.50")
     one_benchmark = [{k: v for k, v in row.items() if k != "benchmark"} for row in benchmark[:2]]  # before 2026-12-05
     assert _ours_ablation(one_benchmark) == "projection 25.0, + gate 39.9 (accuracy %, 1172 items; receiver 27.6, sharer 60.6)"
 
