@@ -93,6 +93,21 @@ def scored_pairs(pairs: list[Pair], benchmarks: dict) -> list[tuple[str, Pair]]:
     return plan
 
 
+def compared_pairs(pairs: list[Pair], comparisons: list) -> list[tuple[Pair, Pair]]:
+    """The comparisons a profile asks for, ``[[label, other label], ...]`` (the first minus the second, e.g. Table 8's
+    + fusion minus projection, or a fuser minus its Identical control), as pairs of ``Pair`` in their order."""
+    by_label = {pair.label: pair for pair in pairs}
+    plan = []
+    for comparison in comparisons:
+        if not isinstance(comparison, (list, tuple)) or len(comparison) != 2 or comparison[0] == comparison[1]:
+            raise ValueError(f"give each comparison as [label, other label] of two different pairs, got {comparison!r}")
+        unknown = [label for label in comparison if label not in by_label]
+        if unknown:
+            raise ValueError(f"comparison {list(comparison)}: no pair is labelled {unknown}; the pairs are {list(by_label)}")
+        plan.append((by_label[comparison[0]], by_label[comparison[1]]))
+    return plan
+
+
 def c2c_versus(out: str | os.PathLike, other_out: str | os.PathLike, benchmark: str, column: str) -> dict:
     """C2C of one pair's evaluation minus C2C of another's on the items both scored (paired by item id), as columns
     ``column`` (points), ``column``_low/_high (its 95% interval) and ``column``_p (exact McNemar): e.g. a fuser

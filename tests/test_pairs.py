@@ -10,7 +10,7 @@ import yaml
 
 from c2c.eval_config import load_eval_config
 from c2c.models import load_model
-from c2c.pairs import (Pair, c2c_versus, combination_rows, complex_partners, eval_config_for_pair,
+from c2c.pairs import (Pair, c2c_versus, combination_rows, compared_pairs, complex_partners, eval_config_for_pair,
                        eval_config_with_fuser, evaluate_combination, non_embedding_parameters, pair_row, parse_pairs,
                        scored_pairs)
 from conftest import make_fuser
@@ -49,6 +49,18 @@ def test_each_benchmark_scores_all_pairs_or_the_ones_it_names(tmp_path):
             scored_pairs(pairs, {"mmlu": wrong})
     with pytest.raises(ValueError, match="a mapping of benchmarks"):
         scored_pairs(pairs, ["arc-challenge"])
+
+
+def test_comparisons_name_two_different_known_pairs(tmp_path):
+    pairs = parse_pairs({name: {"config": TINY_TRAIN, "output_dir": str(tmp_path / name)} for name in ("a", "b", "c")})
+    plan = compared_pairs(pairs, [["c", "a"], ("a", "b")])
+    assert [(first.label, second.label) for first, second in plan] == [("c", "a"), ("a", "b")]
+    assert compared_pairs(pairs, []) == []
+    with pytest.raises(ValueError, match=r"comparison \['a', 'd'\]: no pair is labelled \['d'\]; the pairs are"):
+        compared_pairs(pairs, [["a", "d"]])
+    for wrong in (["a"], ["a", "b", "c"], ["a", "a"], "ab"):
+        with pytest.raises(ValueError, match=r"\[label, other label\] of two different pairs"):
+            compared_pairs(pairs, [wrong])
 
 
 def test_one_fuser_minus_another_is_paired_by_item(tmp_path):
