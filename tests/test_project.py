@@ -143,15 +143,10 @@ def test_notebooks_are_valid_nbformat_with_cell_ids(path):
         nbformat.validate(nbformat.read(path, as_version=4))
 
 
-# files the README links that are CLI analyses of a stage's records, not a stage's products (yet): the one allowed
-# exception, so that a new result the README quotes cannot come from a command `make reproduce` does not run
+# files the README links that no stage writes: a benchmark's output (benchmarks/, never a stage). Nothing else, so
+# that a new result the README quotes cannot come from a command `make reproduce` does not run
 README_CLI_RESULTS = {
     "results/small/train_throughput.json": "python benchmarks/train_throughput.py --cases small (a benchmark, not a stage)",
-    # notebook 07's "+ fusion" run, scored by c2c.pairs.evaluate_pair into the folders 07 writes (ablation_benchmarks)
-    # before 07 scored more than one benchmark: the README cites 07's ablations_benchmark.md once 07 re-runs (small)
-    "results/small/ablations_benchmark/arc-challenge/mc_fusion/main_table.md": "c2c.pairs.evaluate_pair(benchmark='arc-challenge')",
-    "results/small/ablations_benchmark/mmlu/mc_fusion/main_table.md": "c2c.pairs.evaluate_pair(benchmark='mmlu')",
-    "results/small/ablations_benchmark/openbookqa/mc_fusion/main_table.md": "c2c.pairs.evaluate_pair(benchmark='openbookqa')",
 }
 
 
