@@ -40,7 +40,7 @@ def test_every_phase_with_its_tokens(items, c2c, tiny_receiver, tiny_sharer):
                                                              ("t2t", "sharer"), ("t2t", "receiver"),
                                                              ("c2c", "sharer"), ("c2c", "receiver")]
     assert len(rows) == 6 * len(items)
-    (r, rt), (s, st) = tiny_receiver, tiny_sharer
+    (_, rt), (_, st) = tiny_receiver, tiny_sharer
     for item in items:
         got = {(row["method"], row["stage"]): row for row in rows if row["item"] == item.id}
         prompt = len(render_ids(rt, chat_messages(item)))
