@@ -125,7 +125,7 @@ def test_in_every_profile_a_new_fuser_makes_its_evaluation_and_analyses_stale_an
     for profile in ("tiny", "small", "paper"):
         spec = load_profile(REPO_ROOT / "params" / f"{profile}.yaml")
         assert spec.downstream("03_train_fuser") == {
-            "00_quickstart", "04_main_table", "09_recipe_variants", "10_effective_rank", "11_phase_timing", "12_answer_overlap",
-            "13_mmlu_subcategories", "14_fused_fraction", "15_training_cost", "16_model_pairs", "17_gsm8k_workflow",
-            "99_paper_index"}
+            "00_quickstart", "04_main_table", "07_ablations", "09_recipe_variants", "10_effective_rank", "11_phase_timing",
+            "12_answer_overlap", "13_mmlu_subcategories", "14_fused_fraction", "15_training_cost", "16_model_pairs",
+            "17_gsm8k_workflow", "99_paper_index"}
         assert spec.downstream("05_latency") == {"99_paper_index"}
