@@ -86,10 +86,7 @@ def scored_pairs(pairs: list[Pair], benchmarks: dict) -> list[tuple[str, Pair]]:
             labels = list(by_label)
         if not isinstance(labels, list) or not labels:
             raise ValueError(f"benchmark {benchmark!r}: give \"all\" or a list of pair labels, got {labels!r}")
-        unknown = [label for label in labels if label not in by_label]
-        if unknown:
-            raise ValueError(f"benchmark {benchmark!r}: no pair is labelled {unknown}; the pairs are {list(by_label)}")
-        plan += [(benchmark, by_label[label]) for label in labels]
+        plan += [(benchmark, pair) for pair in _labelled(by_label, labels, f"benchmark {benchmark!r}")]
     return plan
 
 
@@ -101,11 +98,17 @@ def compared_pairs(pairs: list[Pair], comparisons: list) -> list[tuple[Pair, Pai
     for comparison in comparisons:
         if not isinstance(comparison, (list, tuple)) or len(comparison) != 2 or comparison[0] == comparison[1]:
             raise ValueError(f"give each comparison as [label, other label] of two different pairs, got {comparison!r}")
-        unknown = [label for label in comparison if label not in by_label]
-        if unknown:
-            raise ValueError(f"comparison {list(comparison)}: no pair is labelled {unknown}; the pairs are {list(by_label)}")
-        plan.append((by_label[comparison[0]], by_label[comparison[1]]))
+        first, second = _labelled(by_label, comparison, f"comparison {list(comparison)}")
+        plan.append((first, second))
     return plan
+
+
+def _labelled(by_label: dict[str, Pair], labels, where: str) -> list[Pair]:
+    """The pairs of ``labels``, or an error naming ``where`` they were asked for and the labels there are."""
+    unknown = [label for label in labels if label not in by_label]
+    if unknown:
+        raise ValueError(f"{where}: no pair is labelled {unknown}; the pairs are {list(by_label)}")
+    return [by_label[label] for label in labels]
 
 
 def c2c_versus(out: str | os.PathLike, other_out: str | os.PathLike, benchmark: str, column: str) -> dict:
